@@ -203,6 +203,10 @@ def world(char_data, tmp_path_factory) -> World:
         T("block_size_zero", "block_size=0 must be a positive integer", block_size=0),
         T("max_steps_negative", "max_steps=-5 must be a positive integer", max_steps=-5),
         T("no_stopping_point", "no stopping point", max_steps=None),
+        T("host_sync_log_with_8bit", "host_sync=log skips non-finite updates inside fused torch AdamW, which "
+                                     "optimizer='adamw8bit' does not use", host_sync="log", optimizer="adamw8bit"),
+        T("bias_false_with_init_from", "bias=false applies to models built from scratch", untouched=[short_ctx],
+          **no_shape(init_from=short_ctx, bias="false")),
         # out_dir and resume
         T("out_dir_holds_a_run", "already holds a run; pass --resume auto", out=good_run, untouched=[good_run]),
         T("resume_and_overwrite", "contradict", out=good_run, resume="auto", overwrite="true"),
@@ -245,7 +249,7 @@ CASE_IDS = [
     "init_from_pickle_only", "init_from_not_gpt2", "unknown_recipe", "missing_recipe_file", "unknown_recipe_key",
     "recipe_invalid_yaml", "recipe_wrong_type", "unknown_flag", "int_given_text", "float_given_text",
     "bool_given_text", "bad_choice", "micro_batch_zero", "learning_rate_negative", "block_size_zero",
-    "max_steps_negative", "no_stopping_point", "out_dir_holds_a_run", "resume_and_overwrite",
+    "max_steps_negative", "no_stopping_point", "host_sync_log_with_8bit", "bias_false_with_init_from", "out_dir_holds_a_run", "resume_and_overwrite",
     "resume_changed_model_shape", "resume_missing_path", "resume_truncated_safetensors",
     "resume_path_without_manifest", "prepare_missing_input", "prepare_no_text", "prepare_over_prepared_data",
     "prepare_bad_val_fraction",

@@ -60,3 +60,34 @@ def test_gradient_checkpointing_saves_activations_and_keeps_gradients():
     assert saved[True] < saved[False] / 2
     for k in grads[False]:
         torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7)
+
+
+def test_bias_false_is_nanogpts_bias_free_model_in_a_standard_gpt2(tmp_path):
+    """--bias false: biases are zero, frozen and outside the optimizer; a step leaves them zero, and
+    the saved model is an ordinary GPT2LMHeadModel computing the bias-free function."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2fit.model import CausalLM, build_model
+    from gpt2fit.optim import param_groups
+
+    margs = ModelArgs(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False)
+    lm = build_model(margs, vocab_size=100, seed=0, eot_id=99)
+    biases = {n: p for n, p in lm.named_parameters() if n.endswith(".bias")}
+    # ln_1, ln_2, c_attn, attn.c_proj, c_fc, mlp.c_proj per block, plus ln_f
+    assert len(biases) == 2 * 6 + 1
+    assert all(not p.requires_grad and not p.any() for p in biases.values())
+    in_optimizer = {id(p) for g in param_groups(lm, 0.1) for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in biases.values()}
+    with_bias = build_model(ModelArgs(n_layer=2, n_head=2, n_embd=32, block_size=16), vocab_size=100, seed=0, eot_id=99)
+    assert sum(p.numel() for p in lm.parameters() if p.requires_grad) \
+        == sum(p.numel() for p in with_bias.parameters()) - sum(p.numel() for p in biases.values())
+
+    model = CausalLM(lm).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randint(0, 100, (2, 16))
+    model(x, torch.roll(x, -1, 1)).backward()
+    opt.step()
+    assert all(not p.any() for p in biases.values())
+    lm.save_pretrained(tmp_path / "m")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(back(x).logits, lm.eval()(x).logits)

@@ -574,6 +574,42 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoi
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
+def test_sync_free_step_skips_nonfinite_updates_on_the_device(char_data, tmp_path, monkeypatch, capsys):
+    """host_sync=log: no per-step verdict on the host; fused AdamW skips the NaN steps itself via
+    found_inf, and the skips are counted at the next check (here the log step 8)."""
+    weights = poison_loss(monkeypatch, {5, 6})
+    run = tmp_path / "run"
+    rc, out, err = run_in_process(tiny_flags(char_data, run, max_steps=10, max_nonfinite_steps=3, host_sync="log",
+                                             log_interval=4, checkpoint_interval=10), capsys)
+    assert rc == 0, err
+    skips = read_rows(run, "skip")
+    assert [(r["step"], r["skipped"], r["longest"], r["consecutive"]) for r in skips] == [(8, 2, 2, 0)]
+    assert "steps 5-8: 2 non-finite update(s) skipped (longest streak 2, 0 in a row now)" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 2
+    assert torch.equal(weights[5], weights[6]) and torch.equal(weights[5], weights[7])
+    assert torch.isfinite(weights[7]).all() and not torch.equal(weights[7], weights[8])
+    assert not torch.equal(weights[4], weights[5])
+    adam = torch.load(ckpt.step_dir(run, 10) / "optimizer.bin", weights_only=True)
+    assert {float(v["step"]) for v in adam["state"].values()} == {8.0}
+    assert all(torch.isfinite(v["exp_avg_sq"]).all() for v in adam["state"].values())
+
+
+def test_sync_free_step_stops_a_diverged_run_at_the_next_check(char_data, tmp_path, monkeypatch, capsys):
+    poison_loss(monkeypatch, set(range(5, 1000)))
+    run = tmp_path / "run"
+    rc, out, err = run_in_process(tiny_flags(char_data, run, max_steps=20, checkpoint_interval=2, log_interval=4,
+                                             keep_checkpoints=2, max_nonfinite_steps=3, host_sync="log"), capsys)
+    assert rc == 2
+    first = error_line(err)
+    # checks at 6 (checkpoint due: streak of 2, so no save) and 8 (log: a streak of 4 >= 3)
+    assert first.startswith("error: training diverged: 3 non-finite steps in a row by step 8"), first
+    assert f"the last good checkpoint is {ckpt.step_dir(run, 4)}" in first, first
+    assert [(r["step"], r["skipped"], r["consecutive"]) for r in read_rows(run, "skip")] == [(6, 2, 2), (8, 2, 4)]
+    assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 4
+    assert sound_checkpoints(run)[-1] == 4
+
+
 def test_loss_spike_is_logged(char_data, tmp_path, monkeypatch, capsys):
     poison_loss(monkeypatch, {8}, factor=10.0)
     run = tmp_path / "run"

@@ -86,6 +86,35 @@ def test_resume_continues_with_identical_losses(char_data, tmp_path):
     assert [r["step"] for r in read_rows(cut)] == list(range(1, 13))
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_run_matches_eager_exports_its_weights_and_resumes(char_data, tmp_path, scope, capsys):
+    """--compile with inductor (whole model, or Accelerate's per-block regional compilation) on the
+    CPU: the losses are eager's within fp32 noise, final/ holds the trained weights under their plain
+    names (not torch.compile's "_orig_mod." ones), and a resumed compiled run continues the same."""
+    from safetensors.torch import load_file
+
+    eager, comp, cut = tmp_path / "eager", tmp_path / "compiled", tmp_path / "cut"
+    flags = dict(max_steps=4, checkpoint_interval=2, eval_interval=4, keep_checkpoints=3)
+    assert train(char_data, eager, **flags) == 0
+    on = dict(compile="true", compile_scope=scope, **flags)
+    capsys.readouterr()
+    assert train(char_data, comp, **on) == 0
+    assert f"compile inductor (mode default, {'per block' if scope == 'blocks' else 'whole model'})" \
+        in capsys.readouterr().out
+    losses = [r["loss"] for r in read_rows(comp)]
+    assert losses == pytest.approx([r["loss"] for r in read_rows(eager)], rel=1e-4)
+    final = load_file(comp / "final/model.safetensors")
+    last = load_file(comp / "checkpoints/step_00000004/model.safetensors")
+    assert final and all(torch.equal(v, last["lm." + k]) for k, v in final.items())
+    assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"],
+                           load_file(comp / "checkpoints/step_00000002/model.safetensors")["lm.transformer.h.0.mlp.c_fc.weight"])
+    shutil.copytree(comp, cut)
+    shutil.rmtree(cut / "checkpoints/step_00000004")
+    shutil.rmtree(cut / "final")
+    assert train(char_data, cut, resume="auto", **on) == 0
+    assert [r["loss"] for r in read_rows(cut)] == pytest.approx(losses, rel=1e-6)
+
+
 def test_eight_bit_optimizer_runs_and_keeps_embedding_state_32bit(char_data, tmp_path):
     import bitsandbytes as bnb
 

@@ -153,12 +153,18 @@ def export_final(accelerator, model, tokenizer, run_dir) -> Path:
     from transformers import GenerationConfig
 
     state_dict = accelerator.get_state_dict(model)
-    lm = accelerator.unwrap_model(model).lm
+    lm = accelerator.unwrap_model(model, keep_torch_compile=False).lm
     final = Path(run_dir) / paths.FINAL
     tmp = final.parent / ".tmp-final"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        # torch.compile puts "_orig_mod." in the names (before everything, or inside each compiled block)
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
         lm_state = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        missing = sorted(set(dict(lm.named_parameters())) - set(lm_state))
+        if missing:  # never write a final/ without its weights
+            raise RuntimeError(f"export: {len(missing)} weights missing from the state dict, e.g. {missing[:3]}; "
+                               f"got keys like {list(state_dict)[:3]}")
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
         eot = tokenizer.eos_token_id
         GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True).save_pretrained(tmp)

@@ -47,8 +47,22 @@ class ModelArgs:
     attn_implementation: str = f("sdpa", "Attention kernel: sdpa (PyTorch flash/efficient), "
                                          "flash_attention_2 (needs flash-attn), eager.",
                                  choices=("sdpa", "flash_attention_2", "eager"))
+    activation_function: str = f("gelu_pytorch_tanh", "MLP activation for a model built from scratch: "
+                                 "gelu_pytorch_tanh (GPT-2's tanh GELU, one fused op) or gelu (exact erf "
+                                 "GELU, as nanoGPT's nn.GELU). Finetuning keeps the loaded model's.",
+                                 choices=("gelu_pytorch_tanh", "gelu"))
+    bias: bool = f(True, "false: every bias (linear and LayerNorm) of a model built from scratch is fixed at "
+                         "zero and not trained, as nanoGPT's bias=False; the saved model is a standard "
+                         "GPT-2 whose biases are zero.")
     grad_checkpointing: bool = f(False, "Recompute activations in backward: ~1/3 more compute, far less memory.")
     compile: bool = f(False, "torch.compile the model (faster on GPU after a minute of compiling).")
+    compile_scope: str = f("model", "With compile: model = the whole model and its loss as one graph; blocks = "
+                                    "Accelerate's regional compilation (each transformer block compiled once and "
+                                    "reused, the rest separately; much shorter cold start).",
+                           choices=("model", "blocks"))
+    compile_mode: str = f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer kernel "
+                                     "launches, more memory), max-autotune, max-autotune-no-cudagraphs.",
+                          choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     loss_chunk_size: int = f(0, "Compute the loss over this many tokens at a time so the full fp32 logits "
                                 "(206 MB per 1024 tokens for GPT-2) never exist; 0 = plain loss.")
 
@@ -125,6 +139,11 @@ class RunArgs:
                                "tensorboard when it is installed (logs under out_dir).")
     max_nonfinite_steps: int = f(5, "Stop the run after this many non-finite (NaN/inf) steps in a row; each one "
                                     "is skipped, not applied.")
+    host_sync: str = f("step", "When the host learns whether a step was finite: step = after every optimizer "
+                               "step (one GPU sync a step; any optimizer); log = only at log/eval/checkpoint "
+                               "steps, with non-finite updates skipped on the GPU by fused AdamW (optimizer "
+                               "adamw, not fp16); the K-in-a-row stop then acts at the next check.",
+                       choices=("step", "log"))
     spike_factor: float = f(2.0, "Log a loss spike when the loss exceeds this multiple of its running mean.")
     max_memory: str | None = f(None, "Cap the CUDA memory this process may use (e.g. 12GiB) to behave like a "
                                      "smaller card.")
@@ -370,6 +389,13 @@ def validate(cfg: TrainConfig) -> None:
         from .plan import parse_size
 
         parse_size(r.max_memory)
+    if r.host_sync == "log" and (o.optimizer != "adamw" or r.mixed_precision == "fp16"):
+        what = f"optimizer={o.optimizer!r}" if o.optimizer != "adamw" else "mixed_precision='fp16' (its grad scaler)"
+        raise UserError(f"host_sync=log skips non-finite updates inside fused torch AdamW, which {what} does "
+                        "not use; use --host_sync step, or --optimizer adamw with bf16/no.")
+    if not m.bias and m.init_from:
+        raise UserError(f"bias=false applies to models built from scratch, not to init_from {m.init_from!r} "
+                        "(its trained biases would be thrown away); drop --bias false.")
     if r.resume is not None and r.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one.")
     if r.push_to_hub and not r.hub_model_id:

@@ -47,7 +47,8 @@ def build_config(margs, vocab_size: int, eot_id: int):
     return GPT2Config(
         vocab_size=padded_vocab(vocab_size, margs.pad_vocab_to), n_positions=margs.block_size,
         resid_pdrop=margs.dropout, embd_pdrop=margs.dropout, attn_pdrop=margs.dropout,
-        bos_token_id=eot_id, eos_token_id=eot_id, activation_function=GELU, **dims,
+        bos_token_id=eot_id, eos_token_id=eot_id,
+        activation_function=getattr(margs, "activation_function", GELU), **dims,
     )
 
 
@@ -105,11 +106,28 @@ def load_pretrained(init_from: str, margs):
     return model
 
 
+def freeze_biases(model) -> list[str]:
+    """nanoGPT's ``bias=False`` on a standard GPT2LMHeadModel: every bias parameter is zeroed and
+    excluded from training, so the function computed is the bias-free model's, while the weights
+    stay loadable by any GPT-2 code. Returns the names frozen."""
+    names = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+                p.requires_grad_(False)
+                names.append(name)
+    return names
+
+
 def build_model(margs, vocab_size: int, seed: int, eot_id: int):
     """From scratch (preset / explicit sizes) or ``init_from``; returns a GPT2LMHeadModel."""
     from transformers import GPT2LMHeadModel
 
     if margs.init_from:
+        if not getattr(margs, "bias", True):
+            raise UserError(f"bias=false applies to models built from scratch, not to init_from "
+                            f"{margs.init_from!r} (its trained biases would be thrown away); drop --bias false.")
         model = load_pretrained(margs.init_from, margs)
         if model.config.vocab_size < vocab_size:
             raise UserError(f"the data's vocab ({vocab_size}) is larger than {margs.init_from}'s "
@@ -120,6 +138,8 @@ def build_model(margs, vocab_size: int, seed: int, eot_id: int):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel._from_config(config, attn_implementation=_attn_impl(margs.attn_implementation),
                                              dtype=torch.float32)
+        if not getattr(margs, "bias", True):
+            freeze_biases(model)
     if margs.grad_checkpointing:
         enable_checkpointing(model)
     return model

@@ -35,11 +35,13 @@ def decay_param_names(model) -> tuple[list[str], list[str]]:
     return yes, no
 
 
-def build_optimizer(model, oargs, device_type: str):
+def build_optimizer(model, oargs, device_type: str, fused: bool = False):
+    """``fused``: use torch's fused AdamW off CUDA too (it is always used on CUDA); the sync-free step
+    (host_sync=log) needs it, because only the fused kernel honours ``found_inf``."""
     groups = param_groups(model, oargs.weight_decay)
     betas = (oargs.beta1, oargs.beta2)
     if oargs.optimizer == "adamw":
-        fused = device_type == "cuda"
+        fused = fused or device_type == "cuda"
         return torch.optim.AdamW(groups, lr=oargs.learning_rate, betas=betas, eps=oargs.eps, fused=fused)
     try:
         import bitsandbytes as bnb

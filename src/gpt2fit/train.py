@@ -32,7 +32,8 @@ from .config import TrainConfig, grad_accum_for, micro_batch, parse_config, pars
 from .errors import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun with --resume auto
-MODEL_SHAPE_KEYS = ("preset", "init_from", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to")
+MODEL_SHAPE_KEYS = ("preset", "init_from", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to",
+                    "activation_function", "bias")
 
 
 @dataclass
@@ -170,6 +171,7 @@ def make_accelerator(cfg: TrainConfig):
     import logging
 
     from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
 
     mp = cfg.run.mixed_precision
     if mp == "auto":
@@ -187,11 +189,30 @@ def make_accelerator(cfg: TrainConfig):
             import tensorboard  # noqa: F401
         except ImportError:
             raise UserError("report_to=tensorboard needs tensorboard: pip install tensorboard") from None
+    m = cfg.model
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps mixed precision and the dynamo plugin in a process-wide singleton that a
+    # second Accelerator would silently reuse: give every run (main() called twice in one
+    # process: tests, notebooks) its own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    # without --compile, an `accelerate config` dynamo setting (environment) still applies
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=m.compile_mode,
+                               use_regional_compilation=m.compile_scope == "blocks") if m.compile else None
     return Accelerator(
         mixed_precision=mp, log_with=trackers or None, project_dir=cfg.run.out_dir,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-        dynamo_backend="inductor" if cfg.model.compile else None,
+        dynamo_plugin=dynamo,
     )
+
+
+def compile_note(accelerator) -> str:
+    """", compile inductor (mode default, per block)" when Accelerate compiles the model, else ""."""
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend.value.lower() == "no":
+        return ""
+    scope = "per block" if plugin.use_regional_compilation else "whole model"
+    return f", compile {plugin.backend.value.lower()} (mode {plugin.mode}, {scope})"
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -239,7 +260,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.run.epochs is not None:
         steps.append(math.ceil(cfg.run.epochs * batches.samples_per_epoch / (micro * world * accum)))
     total_steps = max(1, min(steps))
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    optimizer = build_optimizer(model, cfg.optim, device.type, fused=cfg.run.host_sync == "log")
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     resume_from = prepare_out_dir(cfg, accelerator)
@@ -284,7 +305,8 @@ def announce(run: Run, resume_from) -> None:
     print(f"model: GPT-2 {run.n_params / 1e6:.2f}M parameters ({src}), block {cfg.model.block_size}, "
           f"vocab {run.meta['tokenizer']['vocab_size']}")
     print(f"device: {a.device} x {world} process(es), mixed precision {a.mixed_precision}, "
-          f"optimizer {cfg.optim.optimizer}, grad checkpointing {'on' if cfg.model.grad_checkpointing else 'off'}")
+          f"optimizer {cfg.optim.optimizer}, grad checkpointing {'on' if cfg.model.grad_checkpointing else 'off'}"
+          f"{compile_note(a)}")
     print(f"batch: {run.micro} micro-batch x {cfg.model.block_size} block x {run.accum} accumulation x "
           f"{world} processes = {run.tokens_per_step:,} tokens per optimizer step")
     print(f"run: {run.total_steps:,} steps = {run.total_steps * run.tokens_per_step:,} tokens "
@@ -321,6 +343,44 @@ def validate(run: Run) -> float:
 # ------------------------------------------------------------------------------------------
 # fit
 # ------------------------------------------------------------------------------------------
+class NonfiniteGuard:
+    """Counts optimizer steps skipped as non-finite, for the K-in-a-row stop.
+
+    With host_sync=step each verdict is a Python bool and ``check`` reports it at once. With
+    host_sync=log the counts stay on the device (skipped since the last check, the current streak,
+    the longest streak since the last check) and ``check`` reads them in one transfer, so the
+    training step never waits for the GPU.
+    """
+
+    def __init__(self, state: dict, device, lazy: bool):
+        self.state, self.lazy = state, lazy
+        streak = state["consecutive_nonfinite"]
+        self.pending = torch.tensor([0, streak, streak], device=device) if lazy else None
+        self.last_bad = False
+
+    def add(self, finite) -> None:
+        if self.lazy:
+            bad = (~finite).long()
+            skipped, streak, longest = self.pending.unbind()
+            streak = (streak + 1) * bad
+            self.pending = torch.stack([skipped + bad, streak, torch.maximum(longest, streak)])
+        else:
+            self.last_bad = not finite
+
+    def check(self) -> tuple[int, int]:
+        """(steps skipped since the last check, longest streak since then); updates the state."""
+        if self.lazy:
+            skipped, streak, longest = self.pending.tolist()
+            self.pending = torch.stack([torch.zeros_like(self.pending[1]), self.pending[1], self.pending[1]])
+        else:
+            skipped = int(self.last_bad)
+            streak = self.state["consecutive_nonfinite"] + 1 if self.last_bad else 0
+            longest, self.last_bad = streak, False
+        self.state["skipped_steps"] += skipped
+        self.state["consecutive_nonfinite"] = streak
+        return skipped, longest
+
+
 class StopSignal:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit 75. Second SIGINT: abort now."""
 
@@ -347,7 +407,8 @@ class StopSignal:
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step: ``accum`` micro-batches from ``batches``, clip, step (unless non-finite),
-    schedule. Returns (summed token loss on this rank, global grad norm, whether it was applied)."""
+    schedule. Returns (summed token loss on this rank, global grad norm, whether it was applied: a
+    bool, or with host_sync=log a 0-d bool tensor still on the device)."""
     a, device = run.accelerator, run.accelerator.device
     tokens_per_rank_step = run.micro * run.cfg.model.block_size * run.accum
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
@@ -361,14 +422,24 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
         step_loss += loss_sum.detach().float()
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = a.clip_grad_norm_(run.model.parameters(), clip)
-    # the one host sync per optimizer step: the divergence guard must know before stepping
     # (with fp16 the grad scaler skips inf gradients itself, so only the loss is checked)
     finite = torch.isfinite(step_loss)
     if a.mixed_precision != "fp16":
         finite &= torch.isfinite(grad_norm)
-    finite = bool(finite)
-    if finite:
-        run.optimizer.step()
+    if run.cfg.run.host_sync == "log":
+        # no host sync: fused AdamW reads found_inf on the device and, where it is 1, leaves the
+        # weights, the moments and its step count untouched (the path GradScaler uses)
+        inner = run.optimizer.optimizer  # the torch optimizer inside Accelerate's wrapper
+        inner.found_inf = (~finite).float()
+        try:
+            run.optimizer.step()
+        finally:
+            inner.found_inf = None
+    else:
+        # one host sync per optimizer step: the divergence guard must know before stepping
+        finite = bool(finite)
+        if finite:
+            run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -399,30 +470,38 @@ def fit(run: Run) -> str:
     t_log, tokens_at_log = time.time(), run.state["tokens"]
     t_start = time.time() - run.state["elapsed_s"]
     logged_loss = torch.zeros((), device=device)
+    guard = NonfiniteGuard(run.state, device, lazy=cfg.run.host_sync == "log")
+    checked = run.start_step
     run.model.train()
     with StopSignal() as stop, contextlib.closing(bar):
         for step in range(run.start_step + 1, run.total_steps + 1):
             lr = run.scheduler.get_last_lr()[0]
             step_loss, grad_norm, finite = train_step(run, batches)
-            if finite:
-                run.state["consecutive_nonfinite"] = 0
-            else:
-                run.state["skipped_steps"] += 1
-                run.state["consecutive_nonfinite"] += 1
+            guard.add(finite)
             run.state["step"] = step
             run.state["tokens"] += run.tokens_per_step
             logged_loss = step_loss
             bar.update(1)
 
-            if not finite:
-                a.print(f"step {step}: non-finite loss or gradient norm; update skipped "
-                        f"({run.state['consecutive_nonfinite']} in a row)")
-                run.log.log({"kind": "skip", "step": step, "tokens": run.state["tokens"],
-                             "consecutive": run.state["consecutive_nonfinite"]})
-                if run.state["consecutive_nonfinite"] >= cfg.run.max_nonfinite_steps:
+            last = step == run.total_steps
+            interval = cfg.run.checkpoint_interval
+            save_due = bool(interval and step % interval == 0) or last
+            if not guard.lazy or save_due or stop.requested or step % cfg.run.log_interval == 0 \
+                    or step % cfg.run.eval_interval == 0:
+                skipped, longest = guard.check()
+                if skipped:
+                    streak = run.state["consecutive_nonfinite"]
+                    if guard.lazy:
+                        a.print(f"steps {checked + 1}-{step}: {skipped} non-finite update(s) skipped "
+                                f"(longest streak {longest}, {streak} in a row now)")
+                    else:
+                        a.print(f"step {step}: non-finite loss or gradient norm; update skipped ({streak} in a row)")
+                    run.log.log({"kind": "skip", "step": step, "tokens": run.state["tokens"], "consecutive": streak,
+                                 "skipped": skipped, "longest": longest})
+                checked = step
+                if longest >= cfg.run.max_nonfinite_steps:
                     status = "diverged"
                     break
-            last = step == run.total_steps
             if step % cfg.run.log_interval == 0 or last:
                 loss = float(a.reduce(logged_loss, "sum")) / run.tokens_per_step
                 now = time.time()
@@ -458,9 +537,8 @@ def fit(run: Run) -> str:
             if run.hellaswag and (step % hs_interval == 0 or last):
                 score_hellaswag_now(run, step)
             run.state["elapsed_s"] = time.time() - t_start
-            interval = cfg.run.checkpoint_interval
             streak = run.state["consecutive_nonfinite"] > 0  # never save (and rotate) inside a non-finite streak
-            if ((interval and step % interval == 0) or last) and not streak or stop.requested:
+            if save_due and not streak or stop.requested:
                 save_checkpoint(run)
             if stop.requested and not last:
                 status = "preempted"
@@ -532,7 +610,8 @@ def finish(run: Run, status: str, wall_start: float) -> int:
         return EXIT_PREEMPTED
     if status == "diverged":
         last = ckpt.complete_checkpoints(run.out_dir)
-        raise UserError(f"training diverged: {cfg.run.max_nonfinite_steps} non-finite steps in a row at step "
+        where = "at" if cfg.run.host_sync == "step" else "by"  # with host_sync=log: seen at the next check
+        raise UserError(f"training diverged: {cfg.run.max_nonfinite_steps} non-finite steps in a row {where} step "
                         f"{run.state['step']}. Lower --learning_rate or raise --warmup_steps; the last good "
                         f"checkpoint is {last[-1] if last else 'none'}.")
     if a.is_main_process:
