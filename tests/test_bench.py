@@ -66,6 +66,16 @@ def test_random_ids_grid_with_trainer_baseline(tmp_path, capsys):
     assert printed.strip().splitlines()[-1].startswith("| trainer1")  # the table is printed last
 
 
+def test_host_sync_lever_runs_the_sync_free_step(tmp_path):
+    out = tmp_path / "sync.json"
+    assert bench.main(TINY + ["--vocab_size", "256", "--grid", "host_sync=step,log", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["host_sync"] for r in rows] == ["step", "log"]
+    for r in rows:
+        check_measured(r)
+        assert r["skipped_steps"] == 0 and r["timed_wall_s"] >= sum(r["step_times_s"]) * 0.5
+
+
 def test_real_dataloader_and_random_ids_over_a_data_dir(char_data, tmp_path):
     out = tmp_path / "loader.json"
     rc = bench.main(TINY + ["--data_dir", str(char_data), "--grid", "data=random", "--grid", "data=loader",

@@ -22,12 +22,17 @@
 #   loader        gpt2 default through the real DataLoader (token file on disk), num_workers 0 / 2
 #   gpt2_levers   SDPA kernels (flash, efficient, math, cudnn), TF32 off, micro 8 / 32, and
 #                 torch.compile at the 12 GB recipe's settings (compare with mem12's same row)
+#   gpt2_compile  host_sync step/log; torch.compile whole model vs per block (regional); compile modes
+#                 reduce-overhead (CUDA graphs) and max-autotune-no-cudagraphs; compile + host_sync=log
 #   medium_recipe the gpt2-medium 12 GB recipe's step (checkpointing, chunked loss, compile) at 12 GiB
 # Results go to $OUT if set (the device tool brings back at most 8 files), else
 # benchmarks/gpu/results/: gpu_bench.json (every run, raw step times), gpu_bench.md (tables and the
 # planner check), planner_rows.json (copy into benchmarks/ for `gpt2fit plan`), run_all.log.
 # The short summary table is printed last. `SMOKE=1 BUDGET_S=900 bash benchmarks/gpu/run_all.sh`
 # runs the same flow on a CPU with a tiny model (to check the script, not to measure anything).
+# The parts need more than one 600 s device call: run them in two, e.g.
+#   PARTS="gpt2_core mem12 medium_core loader" bash benchmarks/gpu/run_all.sh
+#   PARTS="gpt2_levers gpt2_compile medium_recipe" bash benchmarks/gpu/run_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -44,8 +49,12 @@ LOG=$RES/run_all.log
 say() { echo "$*" | tee -a "$LOG"; }
 
 # part NAME EST_SECONDS bench-flags...: run one `gpt2fit bench` unless the budget is too short for it
+# (or PARTS, a space-separated list of part names, leaves it out)
 part() {
   local name=$1 est=$2; shift 2
+  if [[ -n ${PARTS:-} && " $PARTS " != *" $name "* ]]; then
+    return
+  fi
   local left=$((BUDGET_S - SECONDS))
   if ((left < est)); then
     say "--- $name: skipped ($left s of the budget left, needs ~$est s)"
@@ -111,6 +120,11 @@ part loader 35 --preset gpt2 --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 
 part gpt2_levers 130 --preset gpt2 --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 3 --steps 10 \
   --grid sdpa_backend=flash,efficient,math,cudnn --grid tf32=false --grid micro_batch_size=8,32 \
   --grid compile=true loss_chunk_size=4096 pad_vocab_to=64 max_memory=12GiB
+
+# compile variants and the sync-free step, at the plain gpt2 cell (compare with gpt2_core's first row)
+part gpt2_compile 300 --preset gpt2 --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 3 --steps 10 \
+  --grid host_sync=step,log --grid compile=true compile_scope=model,blocks \
+  --grid compile=true compile_mode=reduce-overhead,max-autotune-no-cudagraphs --grid compile=true host_sync=log
 
 part medium_recipe 100 --preset gpt2-medium --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 3 --steps 5 \
   --max_memory 12GiB --grid compile=true grad_checkpointing=true loss_chunk_size=4096 pad_vocab_to=64

@@ -23,9 +23,9 @@ from gpt2fit.bench import table
 
 DEFAULTS = {"grad_checkpointing": False, "optimizer": "adamw", "loss_chunk_size": 0, "compile": False,
             "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True, "data": "random", "num_workers": 0,
-            "max_memory": None}
+            "max_memory": None, "host_sync": "step", "compile_scope": "model", "compile_mode": "default"}
 PLANNER_KERNELS = {"compile": False, "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True,
-                   "precision": "bf16", "block_size": 1024}
+                   "precision": "bf16", "block_size": 1024, "host_sync": "step"}
 GIB = 1024**3
 
 

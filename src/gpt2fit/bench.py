@@ -76,7 +76,7 @@ DATA_MODES = ("random", "loader")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 BENCH_KEYS = {"data": DATA_MODES, "sdpa_backend": SDPA_BACKENDS}  # grid keys that are not train flags
 # train flags a cell may vary: everything that changes what one optimizer step computes or costs
-_RUN_KEYS = ("seed", "mixed_precision", "tf32", "max_memory")
+_RUN_KEYS = ("seed", "mixed_precision", "tf32", "max_memory", "host_sync")
 _DATA_KEYS = ("num_workers", "sampling")
 _PLUMBING = {  # train flags that mean nothing for a few timed steps, and why
     "out_dir": "the bench uses a throwaway out_dir", "data_dir": "give --data_dir to the bench itself",
@@ -301,6 +301,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Step boundaries without a host sync between steps: CUDA events recorded on the stream (so a
+    step's time also counts the GPU idling while the host catches up, e.g. after a sync inside the
+    step), or perf_counter on the CPU, where every op is synchronous anyway."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self) -> None:
+        import torch
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, pairs=None) -> list[float]:
+        """Seconds between consecutive marks, or between the given (start, end) mark indices."""
+        import torch
+
+        pairs = pairs if pairs is not None else [(i, i + 1) for i in range(len(self.marks) - 1)]
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.marks[a].elapsed_time(self.marks[b]) / 1e3 for a, b in pairs]
+        return [self.marks[b] - self.marks[a] for a, b in pairs]
+
+
 def matmul_peak(device, dtype_name: str, size: int, iters: int = 10) -> dict:
     """Achievable dense matmul FLOP/s: a size^3 product (bf16/fp16 on CUDA, as the run computes;
     fp32 on the CPU), timed with CUDA events on the GPU, the host clock on the CPU."""
@@ -520,7 +549,7 @@ def check_cells(settings_list: list[dict]) -> None:
 MEASUREMENTS = ("precision", "micro_batch_size", "grad_accum_steps", "tokens_per_step", "n_processes", "n_params",
                 "n_params_for_flops", "flops_per_token", "vocab_size", "setup_s", "tokens_per_s",
                 "tokens_per_s_median", "step_time_median_s", "step_time_p90_s", "step_time_mean_s", "step_times_s",
-                "warmup_times_s", "skipped_steps", "loss", "mfu", "mfu_measured_peak", "achieved_flops",
+                "warmup_times_s", "timed_wall_s", "skipped_steps", "loss", "mfu", "mfu_measured_peak", "achieved_flops",
                 "matmul_peak_flops", "peak_allocated_bytes", "peak_reserved_bytes", "warmup_peak_allocated_bytes",
                 "warmup_peak_reserved_bytes", "peak_rss_bytes", "memory_kind", "memory_at_failure",
                 "predicted_peak_bytes", "predicted_memory", "predicted_over_allocated", "predicted_over_reserved",
@@ -595,12 +624,16 @@ def run_cell(row: dict, settings: dict, *, data_dir: Path, warmup: int, steps: i
                        warmup_peak_reserved_bytes=warm_mem["peak_reserved_bytes"])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(steps):
-                t = time.perf_counter()
+            clock, verdicts = StepClock(device), []
+            t = time.perf_counter()
+            clock.mark()
+            for _ in range(steps):  # no host sync here that the training loop would not have
                 step_loss, _, finite = train_step(run, batches)
-                _sync(device)  # the step is done when the device is
-                times.append(time.perf_counter() - t)
-                skipped += not finite
+                clock.mark()
+                verdicts.append(finite)
+            times = clock.seconds()  # waits for the device
+            row["timed_wall_s"] = time.perf_counter() - t
+            skipped = sum(not bool(f) for f in verdicts)
         row.update(timing_fields(times, run.tokens_per_step))
         row.update(memory_fields(device))
         row.update(skipped_steps=skipped, loss=float(step_loss) / (run.micro * cfg.model.block_size * run.accum))
@@ -674,19 +707,19 @@ def run_trainer_baseline(settings: dict, *, data_dir: Path, warmup: int, steps: 
         def __getitem__(self, i):
             return {"input_ids": ids[i], "labels": ids[i]}
 
-    class StepTimer(TrainerCallback):
+    class StepTimer(TrainerCallback):  # marks on the stream, as the gpt2fit cells are timed
         def __init__(self):
-            self.begins, self.ends, self.warm_mem = [], [], None
+            self.clock, self.begins, self.ends, self.warm_mem = StepClock(device), [], [], None
 
         def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
-            self.begins.append(time.perf_counter())
+            self.begins.append(len(self.clock.marks))
+            self.clock.mark()
 
         def on_step_end(self, args, state, control, **kw):
-            _sync(device)
-            self.ends.append(time.perf_counter())
+            self.ends.append(len(self.clock.marks))
+            self.clock.mark()
             if len(self.ends) == warmup:
-                self.warm_mem = memory_fields(device)
+                self.warm_mem = memory_fields(device)  # synchronizes, outside the timed steps
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
 
@@ -712,13 +745,14 @@ def run_trainer_baseline(settings: dict, *, data_dir: Path, warmup: int, steps: 
     wall = time.perf_counter() - t0
     # a step = on_step_end to on_step_end: data fetching (Trainer prefetches the accumulation window
     # before on_step_begin), forward/backward, clip, optimizer, scheduler, callbacks
-    times = [b - a for a, b in zip(timer.ends[warmup - 1:-1], timer.ends[warmup:])]
-    in_step = [e - b for b, e in zip(timer.begins[warmup:], timer.ends[warmup:])]
+    times = timer.clock.seconds(list(zip(timer.ends[warmup - 1:-1], timer.ends[warmup:])))
+    in_step = timer.clock.seconds(list(zip(timer.begins[warmup:], timer.ends[warmup:])))
     tokens_per_step = micro * T * accum
     row = {"precision": _precision(mp), "micro_batch_size": micro, "grad_accum_steps": accum,
            "tokens_per_step": tokens_per_step, "trainer_optim": optim_name, "vocab_size": model_vocab(cfg, vocab),
            "train_wall_s": wall, "in_step_times_s": in_step,
-           "warmup_times_s": [b - a for a, b in zip([timer.begins[0]] + timer.ends[:warmup - 1], timer.ends[:warmup])]}
+           "warmup_times_s": timer.clock.seconds(list(zip([timer.begins[0]] + timer.ends[:warmup - 1],
+                                                          timer.ends[:warmup])))}
     row.update(timing_fields(times, tokens_per_step))
     row.update(memory_fields(device))
     if timer.warm_mem:
@@ -953,7 +987,8 @@ def run_bench(args, cells: list[dict], fixed: dict) -> tuple[dict, Path, int]:
             row.update({k: settings.get(k, d) for k, d in (
                 ("grad_checkpointing", False), ("optimizer", "adamw"), ("compile", False),
                 ("attn_implementation", "sdpa"), ("sdpa_backend", "auto"), ("tf32", True), ("data", "random"),
-                ("num_workers", 0), ("loss_chunk_size", 0), ("block_size", 1024), ("max_memory", None))})
+                ("num_workers", 0), ("loss_chunk_size", 0), ("block_size", 1024), ("max_memory", None),
+                ("host_sync", "step"), ("compile_scope", "model"), ("compile_mode", "default"))})
             row["loss_impl"] = "chunked" if row["loss_chunk_size"] else "plain"
             row.update(dict.fromkeys(MEASUREMENTS), oom=False, error=None, error_message=None)
             label = " ".join(f"{k}={settings[k]}" for k in varied if k in cells[i - 1]) or "default"

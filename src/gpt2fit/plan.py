@@ -649,7 +649,8 @@ def bench_rows(bench_dirs: Iterable[str | os.PathLike] | None = None) -> list[di
     return rows
 
 
-_DEFAULT_LEVERS = {"compile": False, "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True}
+_DEFAULT_LEVERS = {"compile": False, "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True,
+                   "host_sync": "step"}
 
 
 def lookup_mfu(
