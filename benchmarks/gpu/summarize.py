@@ -31,7 +31,8 @@ GIB = 1024**3
 
 SHORT = {"grad_checkpointing": "ckpt", "optimizer": "", "loss_chunk_size": "chunk", "compile": "compile",
          "attn_implementation": "", "sdpa_backend": "sdpa:", "tf32": "tf32:", "data": "", "num_workers": "workers:",
-         "max_memory": "cap:", "pad_vocab_to": "pad"}
+         "max_memory": "cap:", "pad_vocab_to": "pad", "host_sync": "sync:", "compile_scope": "scope:",
+         "compile_mode": "mode:"}
 
 
 def levers(r: dict) -> list[str]:
