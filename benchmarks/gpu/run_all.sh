@@ -31,8 +31,8 @@
 # The short summary table is printed last. `SMOKE=1 BUDGET_S=900 bash benchmarks/gpu/run_all.sh`
 # runs the same flow on a CPU with a tiny model (to check the script, not to measure anything).
 # The parts need more than one 600 s device call: run them in two, e.g.
-#   PARTS="gpt2_core mem12 medium_core loader" bash benchmarks/gpu/run_all.sh
-#   PARTS="gpt2_levers gpt2_compile medium_recipe" bash benchmarks/gpu/run_all.sh
+#   PARTS="gpt2_core mem12 medium_core loader medium_recipe" bash benchmarks/gpu/run_all.sh
+#   PARTS="gpt2_levers gpt2_compile" bash benchmarks/gpu/run_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
