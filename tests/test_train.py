@@ -73,9 +73,10 @@ def test_grad_accumulation_equals_larger_batch(char_data, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5)
 
 
-def test_resume_continues_with_identical_losses(char_data, tmp_path):
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_resume_continues_with_identical_losses(char_data, tmp_path, host_sync):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    flags = dict(max_steps=12, checkpoint_interval=4, dropout=0.1, keep_checkpoints=5)
+    flags = dict(max_steps=12, checkpoint_interval=4, dropout=0.1, keep_checkpoints=5, host_sync=host_sync)
     assert train(char_data, full, **flags) == 0
     assert train(char_data, cut, **flags) == 0
     # pretend the run died after step 8: drop the later checkpoints and outputs

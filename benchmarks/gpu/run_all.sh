@@ -19,7 +19,8 @@
 #                 8, 16) x checkpointing x optimizer x loss_chunk_size 0/4096, pad_vocab_to 64;
 #                 predicted_peak_bytes (plan.estimate_memory) beside the measured peaks and OOMs
 #   medium_core   gpt2-medium, as gpt2_core (with its Trainer baseline)
-#   loader        gpt2 default through the real DataLoader (token file on disk), num_workers 0 / 2
+#   loader        gpt2 default through the real DataLoader (token file on disk), num_workers 0 / 2,
+#                 and without pinned memory
 #   gpt2_levers   SDPA kernels (flash, efficient, math, cudnn), TF32 off, micro 8 / 32, and
 #                 torch.compile at the 12 GB recipe's settings (compare with mem12's same row)
 #   gpt2_compile  host_sync step/log; torch.compile whole model vs per block (regional); compile modes
@@ -115,7 +116,7 @@ if [[ -f $TOK/tokenizer.json ]] && ((BUDGET_S - SECONDS > 60)); then
   fi
 fi
 part loader 35 --preset gpt2 --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 3 --steps 10 "${DATA_FLAGS[@]}" \
-  --grid data=random --grid data=loader num_workers=0,2
+  --grid data=random --grid data=loader num_workers=0,2 --grid data=loader pin_memory=false
 
 part gpt2_levers 130 --preset gpt2 --micro_batch_size 16 "${MODEL_FLAGS[@]}" --warmup 3 --steps 10 \
   --grid sdpa_backend=flash,efficient,math,cudnn --grid tf32=false --grid micro_batch_size=8,32 \

@@ -23,7 +23,7 @@ from gpt2fit.bench import table
 
 DEFAULTS = {"grad_checkpointing": False, "optimizer": "adamw", "loss_chunk_size": 0, "compile": False,
             "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True, "data": "random", "num_workers": 0,
-            "max_memory": None, "host_sync": "step", "compile_scope": "model", "compile_mode": "default"}
+            "pin_memory": True, "max_memory": None, "host_sync": "step", "compile_scope": "model", "compile_mode": "default"}
 PLANNER_KERNELS = {"compile": False, "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True,
                    "precision": "bf16", "block_size": 1024, "host_sync": "step"}
 GIB = 1024**3
@@ -32,7 +32,7 @@ GIB = 1024**3
 SHORT = {"grad_checkpointing": "ckpt", "optimizer": "", "loss_chunk_size": "chunk", "compile": "compile",
          "attn_implementation": "", "sdpa_backend": "sdpa:", "tf32": "tf32:", "data": "", "num_workers": "workers:",
          "max_memory": "cap:", "pad_vocab_to": "pad", "host_sync": "sync:", "compile_scope": "scope:",
-         "compile_mode": "mode:"}
+         "compile_mode": "mode:", "pin_memory": "pin"}
 
 
 def levers(r: dict) -> list[str]:

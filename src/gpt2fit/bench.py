@@ -77,7 +77,7 @@ SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 BENCH_KEYS = {"data": DATA_MODES, "sdpa_backend": SDPA_BACKENDS}  # grid keys that are not train flags
 # train flags a cell may vary: everything that changes what one optimizer step computes or costs
 _RUN_KEYS = ("seed", "mixed_precision", "tf32", "max_memory", "host_sync")
-_DATA_KEYS = ("num_workers", "sampling")
+_DATA_KEYS = ("num_workers", "sampling", "pin_memory")
 _PLUMBING = {  # train flags that mean nothing for a few timed steps, and why
     "out_dir": "the bench uses a throwaway out_dir", "data_dir": "give --data_dir to the bench itself",
     "max_steps": "use --warmup / --steps", "max_tokens": "use --warmup / --steps", "epochs": "use --warmup / --steps",
@@ -604,7 +604,8 @@ def run_cell(row: dict, settings: dict, *, data_dir: Path, warmup: int, steps: i
     else:
         from .data import make_loader
 
-        loader = make_loader(run.train_batches, 0, cfg.data.num_workers, pin_memory=device.type == "cuda")
+        loader = make_loader(run.train_batches, 0, cfg.data.num_workers,
+                             pin_memory=cfg.data.pin_memory and device.type == "cuda")
         batches = iter(loader)
     run.model.train()
     if device.type == "cuda":
@@ -987,8 +988,8 @@ def run_bench(args, cells: list[dict], fixed: dict) -> tuple[dict, Path, int]:
             row.update({k: settings.get(k, d) for k, d in (
                 ("grad_checkpointing", False), ("optimizer", "adamw"), ("compile", False),
                 ("attn_implementation", "sdpa"), ("sdpa_backend", "auto"), ("tf32", True), ("data", "random"),
-                ("num_workers", 0), ("loss_chunk_size", 0), ("block_size", 1024), ("max_memory", None),
-                ("host_sync", "step"), ("compile_scope", "model"), ("compile_mode", "default"))})
+                ("num_workers", 0), ("pin_memory", True), ("loss_chunk_size", 0), ("block_size", 1024),
+                ("max_memory", None), ("host_sync", "step"), ("compile_scope", "model"), ("compile_mode", "default"))})
             row["loss_impl"] = "chunked" if row["loss_chunk_size"] else "plain"
             row.update(dict.fromkeys(MEASUREMENTS), oom=False, error=None, error_message=None)
             label = " ".join(f"{k}={settings[k]}" for k in varied if k in cells[i - 1]) or "default"

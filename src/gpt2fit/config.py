@@ -83,6 +83,8 @@ class DataArgs:
                                  "per epoch, seeded order and offset; random = independent random offsets "
                                  "(nanoGPT).", choices=("shuffle", "random"))
     num_workers: int = f(0, "DataLoader worker processes (0 = load in the training process).")
+    pin_memory: bool = f(True, "On CUDA, put batches in pinned host memory so the copy to the GPU runs "
+                               "asynchronously (non_blocking).")
 
 
 @dataclass

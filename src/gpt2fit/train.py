@@ -457,7 +457,7 @@ def fit(run: Run) -> str:
     a, cfg = run.accelerator, run.cfg
     device = a.device
     loader = make_loader(run.train_batches, run.start_step * run.accum, cfg.data.num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=cfg.data.pin_memory and device.type == "cuda")
     batches = iter(loader)
     if cfg.run.eval_before_training and run.start_step == 0:
         val = validate(run)
