@@ -37,3 +37,29 @@ def test_auto_micro_batch_on_cpu_uses_the_planner_and_keeps_tokens_per_step(char
     run = setup(cfg)
     assert run.micro == 64  # capped on the CPU
     assert run.accum == 4 and run.tokens_per_step == 64 * 32 * 4
+
+
+def test_probe_step_runs_two_full_steps_and_leaves_the_weights_alone(char_data, tmp_path, monkeypatch):
+    """The CUDA probe's step, run on the CPU: two forward/backward/optimizer steps (the second
+    backward must find the optimizer states already allocated, as in training), at lr 0."""
+    from accelerate import Accelerator
+
+    from gpt2fit import autobatch
+    from gpt2fit.config import parse_config
+    from gpt2fit.model import CausalLM, build_model
+
+    cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "run", dropout=0.1))
+    model = CausalLM(build_model(cfg.model, 100, seed=0, eot_id=99))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **kw):
+        steps.append(sum(len(s) for s in self.state.values()))  # states held when this step starts
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    autobatch._try_step(cfg, model, Accelerator(cpu=True), 3)
+    assert len(steps) == autobatch.PROBE_STEPS == 2 and steps[0] == 0 and steps[1] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

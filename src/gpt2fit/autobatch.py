@@ -2,9 +2,12 @@
 
 1. The planner's estimate (``plan.max_micro_batch``) for this model, block, precision, optimizer,
    checkpointing and loss, against the device's memory (or ``--max_memory``).
-2. On CUDA, a real probe from that estimate: forward + backward + optimizer step on random tokens,
-   backing off 10% per out-of-memory, then bisecting to the exact largest size. The probe steps
-   with lr 0, so the weights are untouched, and its optimizer is thrown away.
+2. On CUDA, a real probe from that estimate: two forward + backward + optimizer steps on random
+   tokens (the second backward runs with the optimizer states allocated, as every step of the
+   run after the first does), backing off 10% per out-of-memory, then bisecting to the exact
+   largest size. The probe steps with lr 0, so the weights are untouched, its optimizer is thrown
+   away, and it runs under a forked RNG, so the run's random stream is the same as without it.
+   With several processes, every rank takes the smallest size any rank found.
 On the CPU there is nothing to run out of in practice: the estimate against host RAM, capped at 64.
 """
 
@@ -84,9 +87,15 @@ def auto_micro_batch(cfg, model, accelerator) -> int:
                         "turn on --grad_checkpointing, --optimizer adamw8bit or --loss_chunk_size 1024. "
                         "`gpt2fit plan` shows the breakdown.")
     model.to(device)
-    found = probe_micro_batch(lambda b: _try_step(cfg, model, accelerator, b), est)
+    with torch.random.fork_rng(devices=[device]):
+        found = probe_micro_batch(lambda b: _try_step(cfg, model, accelerator, b), est)
+    if world > 1:  # ranks must agree (and a rank with less free memory decides)
+        found = int(accelerator.gather(torch.tensor([found], device=device)).min())
     accelerator.print(f"micro_batch_size auto: {found} (planner estimate {est}, probed on {device})")
     return found
+
+
+PROBE_STEPS = 2  # the first step allocates the optimizer states; the second backward runs beside them
 
 
 def _try_step(cfg, model, accelerator, batch: int) -> None:
@@ -94,15 +103,18 @@ def _try_step(cfg, model, accelerator, batch: int) -> None:
 
     vocab = model.lm.config.vocab_size
     x = torch.randint(0, vocab, (batch, cfg.model.block_size + 1), device=accelerator.device)
-    opt = build_optimizer(model, cfg.optim, accelerator.device.type)
+    opt = build_optimizer(model, cfg.optim, accelerator.device.type, fused=cfg.run.host_sync == "log")
     for group in opt.param_groups:
         group["lr"] = 0.0
     try:
-        with accelerator.autocast():
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
+        for _ in range(PROBE_STEPS):
+            with accelerator.autocast():
+                loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
