@@ -438,6 +438,39 @@ def test_damaged_newest_checkpoint_fails_clearly_and_an_older_one_resumes(char_d
 # ------------------------------------------------------------------------------------------
 # 3. preemption: SIGTERM / SIGINT
 # ------------------------------------------------------------------------------------------
+def test_checkpoint_files_reach_the_disk_before_the_rename(char_data, tmp_path, monkeypatch, capsys):
+    """Durability across a power cut: every file of a checkpoint is fsynced before the temp dir is
+    renamed to step_<N>, and the checkpoints dir is fsynced after the rename."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    rc, out, err = run_in_process(tiny_flags(char_data, run, max_steps=2, checkpoint_interval=2), capsys)
+    assert rc == 0, err
+    final = ckpt.step_dir(run, 2)
+    (i, rename), = [(i, e) for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final)]
+    tmp = rename[1]
+    synced_before = {e[1] for e in events[:i] if e[0] == "fsync"}
+    files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    assert "model.safetensors" in files and "optimizer.bin" in files
+    missing = [f for f in files if f"{tmp}/{f}" not in synced_before]
+    assert not missing, missing
+    assert tmp in synced_before  # the temp dir's entries
+    assert ("fsync", str(final.parent)) in events[i + 1:]  # the rename
+
+
 def test_sigterm_and_sigint_finish_the_step_checkpoint_exit_75_and_resume_identically(char_data, baselines,
                                                                                         tmp_path):
     baselines.start(**FLAGS)

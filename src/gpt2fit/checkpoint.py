@@ -2,8 +2,9 @@
 
 A checkpoint is written by ``Accelerator.save_state`` into ``checkpoints/.tmp-step_<N>/``, then
 ``trainer_state.json`` (step, data position, counters) and ``MANIFEST.json`` (every file and its
-size) are added, and the directory is renamed to ``step_<N>``. A rename is atomic, so a dir named
-``step_<N>`` is always complete; a kill mid-save leaves only a ``.tmp-*`` dir, which is ignored
+size) are added, every file is fsynced, and the directory is renamed to ``step_<N>`` (and the
+rename fsynced). A rename is atomic, so a dir named ``step_<N>`` is always complete, also after a
+power cut; a kill mid-save leaves only a ``.tmp-*`` dir, which is ignored
 and cleaned up. Loading checks the manifest first, so a damaged checkpoint fails with a clear
 message instead of inside torch.
 """
@@ -80,11 +81,16 @@ def save(accelerator, run_dir, step: int, state: dict, keep: int) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE).write_text(json.dumps(state, indent=2))
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            paths_ = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+            for p in paths_:  # on disk before the rename, or a power cut could leave step_<N> with holes
+                _fsync(p)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths_}
             _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
+            _fsync(tmp)
             if final.exists():  # re-saving the same step (e.g. a resumed, already finished run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(final.parent)  # and the rename itself
             rotate(run_dir, keep)
     except Exception as e:  # torch.save raises RuntimeError, safetensors SafetensorError on a full disk
         free = shutil.disk_usage(final.parent).free  # before the temp dir is removed and frees its space
@@ -99,6 +105,15 @@ def save(accelerator, run_dir, step: int, state: dict, keep: int) -> Path:
                         f"{kept}. Free space and resume with --resume auto.") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path, text: str) -> None:
