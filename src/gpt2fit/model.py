@@ -48,7 +48,7 @@ def build_config(margs, vocab_size: int, eot_id: int):
         vocab_size=padded_vocab(vocab_size, margs.pad_vocab_to), n_positions=margs.block_size,
         resid_pdrop=margs.dropout, embd_pdrop=margs.dropout, attn_pdrop=margs.dropout,
         bos_token_id=eot_id, eos_token_id=eot_id,
-        activation_function=getattr(margs, "activation_function", GELU), **dims,
+        activation_function=margs.activation_function, **dims,
     )
 
 
@@ -125,9 +125,6 @@ def build_model(margs, vocab_size: int, seed: int, eot_id: int):
     from transformers import GPT2LMHeadModel
 
     if margs.init_from:
-        if not getattr(margs, "bias", True):
-            raise UserError(f"bias=false applies to models built from scratch, not to init_from "
-                            f"{margs.init_from!r} (its trained biases would be thrown away); drop --bias false.")
         model = load_pretrained(margs.init_from, margs)
         if model.config.vocab_size < vocab_size:
             raise UserError(f"the data's vocab ({vocab_size}) is larger than {margs.init_from}'s "
@@ -138,7 +135,7 @@ def build_model(margs, vocab_size: int, seed: int, eot_id: int):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel._from_config(config, attn_implementation=_attn_impl(margs.attn_implementation),
                                              dtype=torch.float32)
-        if not getattr(margs, "bias", True):
+        if not margs.bias:  # (config.validate refuses bias=false with init_from)
             freeze_biases(model)
     if margs.grad_checkpointing:
         enable_checkpointing(model)

@@ -405,7 +405,7 @@ class StopSignal:
             signal.signal(sig, old)
 
 
-def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool | torch.Tensor]:
     """One optimizer step: ``accum`` micro-batches from ``batches``, clip, step (unless non-finite),
     schedule. Returns (summed token loss on this rank, global grad norm, whether it was applied: a
     bool, or with host_sync=log a 0-d bool tensor still on the device)."""
