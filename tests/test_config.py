@@ -53,3 +53,28 @@ def test_help_has_text_for_every_flag(capsys):
         if action.dest not in ("help",):
             assert action.help and len(action.help) > 10, action.dest
     assert {a.dest for a in parser._actions} >= set(FIELDS)
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "sample", "plan", "eval", "plot", "push", "bench",
+                                     "recipes"])
+def test_every_command_renders_its_help(command, capsys):
+    """Render --help for real: argparse %-formats help strings, so a stray '%' crashes only here."""
+    from gpt2fit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gpt2fit " + command), out[:200]
+    assert "Traceback" not in out
+
+
+def test_train_script_help_renders():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "75% less" in " ".join(r.stdout.split())  # the literal '%' survives formatting

@@ -304,7 +304,8 @@ def build_parser(prog: str = "gpt2fit train") -> argparse.ArgumentParser:
             if meta.get("choices"):
                 kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
             # defaults shown by ArgumentDefaultsHelpFormatter need the real default in help
-            kw["help"] = f"{meta['help']} (default: {fl.default})"
+            # argparse %-formats help strings: a literal % (as in "~75% less") must be doubled
+            kw["help"] = f"{meta['help']} (default: {fl.default})".replace("%", "%%")
             g.add_argument(f"--{fl.name}", **kw)
     return p
 
