@@ -18,8 +18,7 @@ every flag. benchmarks/gpu/run_all.sh is the full GPU suite.
 
 import sys
 
-from gpt2fit.bench import main
-from gpt2fit.cli import run_main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["bench", *sys.argv[1:]]))

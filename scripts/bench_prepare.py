@@ -55,7 +55,7 @@ EOT = 50256
 def make_corpus(path: Path, size_bytes: int, seed: int = 0) -> dict:
     """jsonl of ~1-8 KB documents: Shakespeare passages and stdlib code, shuffled, until size_bytes."""
     sys.path.insert(0, str(ROOT / "src"))
-    from gpt2fit.data import stdlib_files
+    from gpt2fit.prepare.sources import stdlib_files
 
     rng = random.Random(seed)
     paras = [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]

@@ -12,8 +12,7 @@ Same as `gpt2fit plan ...`; `--help` lists every flag.
 
 import sys
 
-from gpt2fit.cli import run_main
-from gpt2fit.plan import main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["plan", *sys.argv[1:]]))

@@ -10,8 +10,7 @@ Same as `gpt2fit plot ...`; `--help` lists every flag.
 
 import sys
 
-import gpt2fit.plot
-from gpt2fit.cli import run_main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(gpt2fit.plot.main, sys.argv[1:]))
+    sys.exit(main(["plot", *sys.argv[1:]]))

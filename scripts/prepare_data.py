@@ -11,8 +11,7 @@
 
 import sys
 
-from gpt2fit.cli import run_main
-from gpt2fit.data import main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["prepare", *sys.argv[1:]]))

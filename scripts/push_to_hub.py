@@ -11,8 +11,7 @@ model card and the file list without touching the network.
 
 import sys
 
-from gpt2fit.cli import run_main
-from gpt2fit.hub import main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["push", *sys.argv[1:]]))

@@ -6,8 +6,7 @@
 
 import sys
 
-from gpt2fit.cli import run_main
-from gpt2fit.sample import main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["sample", *sys.argv[1:]]))

@@ -15,8 +15,7 @@ checkpoint (rerun the same command with --resume auto).
 
 import sys
 
-from gpt2fit.cli import run_main
-from gpt2fit.train import main
+from gpt2fit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -39,7 +39,7 @@ def _reset_accelerate():
 
 def corpus_text() -> str:
     """~300 kB of English-ish text that every machine has: the stdlib's docstrings and comments."""
-    from gpt2fit.data import stdlib_files
+    from gpt2fit.prepare.sources import stdlib_files
 
     parts, total = [], 0
     for f in stdlib_files()[:80]:
@@ -54,7 +54,7 @@ def corpus_text() -> str:
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
     """A char-level prepared data dir (vocab < 256, fast to train on)."""
-    from gpt2fit.data import prepare
+    from gpt2fit.prepare.core import prepare
 
     d = tmp_path_factory.mktemp("data")
     src = d / "corpus.txt"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_flags
-from gpt2fit.autobatch import probe_micro_batch
+from gpt2fit.train.autobatch import probe_micro_batch
 from gpt2fit.errors import UserError
 
 
@@ -30,7 +30,7 @@ def test_probe_reports_when_nothing_fits():
 
 def test_auto_micro_batch_on_cpu_uses_the_planner_and_keeps_tokens_per_step(char_data, tmp_path):
     from gpt2fit.config import parse_config
-    from gpt2fit.train import setup
+    from gpt2fit.train.loop import setup
 
     cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "run", micro_batch_size="auto",
                                      tokens_per_step=8192))
@@ -44,9 +44,9 @@ def test_probe_step_runs_two_full_steps_and_leaves_the_weights_alone(char_data, 
     backward must find the optimizer states already allocated, as in training), at lr 0."""
     from accelerate import Accelerator
 
-    from gpt2fit import autobatch
+    from gpt2fit.train import autobatch as autobatch
     from gpt2fit.config import parse_config
-    from gpt2fit.model import CausalLM, build_model
+    from gpt2fit.train.model import CausalLM, build_model
 
     cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "run", dropout=0.1))
     model = CausalLM(build_model(cfg.model, 100, seed=0, eot_id=99))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_flags
-from gpt2fit.train import main as train_main
+from gpt2fit.train.loop import main as train_main
 
 ENV = {"OMP_NUM_THREADS": "1"}  # many short processes on a small shared CPU
 WORKERS = 3
@@ -146,7 +146,7 @@ def world(char_data, tmp_path_factory) -> World:
     bad_text = root / "texts"
     bad_text.mkdir()
     (bad_text / "empty.txt").write_text("   \n")
-    from gpt2fit.tokenizer import build_char_tokenizer
+    from gpt2fit.prepare.tokenizers import build_char_tokenizer
 
     char_tok = root / "char_tokenizer"
     build_char_tokenizer(["abc"]).save_pretrained(char_tok)

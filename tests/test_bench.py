@@ -7,9 +7,9 @@ import math
 import pytest
 
 from conftest import run_cli
-from gpt2fit import bench
+from gpt2fit.train import bench as bench
 from gpt2fit.errors import UserError
-from gpt2fit.plan import bench_rows
+from gpt2fit.plan.planner import bench_rows
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--micro_batch_size", "4",
         "--warmup", "1", "--steps", "2"]
@@ -95,7 +95,7 @@ def test_real_dataloader_and_random_ids_over_a_data_dir(char_data, tmp_path):
 def test_oom_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     import torch
 
-    from gpt2fit import train
+    from gpt2fit.train import loop as train
 
     real = train.train_step
 

@@ -3,9 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from gpt2fit.data import WindowBatches, eval_windows, open_split, prepare, read_meta
+from gpt2fit.train.batches import WindowBatches, eval_windows
+from gpt2fit.formats import open_split, read_meta
+from gpt2fit.prepare.core import prepare
 from gpt2fit.errors import UserError
-from gpt2fit.tokenizer import build_char_tokenizer, train_bpe
+from gpt2fit.prepare.tokenizers import build_char_tokenizer, train_bpe
 
 DOCS = ["The first document.", "A second one, longer than the first.", "  ", "Third\nwith a newline."]
 

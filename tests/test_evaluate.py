@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2fit import cli
-from gpt2fit import evaluate as ev
+from gpt2fit import cli as cli
+from gpt2fit.evaluate import core as ev
 from gpt2fit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -439,7 +439,7 @@ def test_two_processes_give_the_same_answer(loaded, model_dir, data_dir, tmp_pat
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
-        str(ROOT / "scripts" / "evaluate.py"), str(model_dir),
+        str(ROOT / "scripts" / "eval.py"), str(model_dir),
         "--data_dir", str(data_dir), "--batch_size", "3",
         "--hellaswag", str(FIXTURE), "--output", str(out),
     ]  # fmt: skip

@@ -17,7 +17,7 @@ def base_model(tmp_path_factory) -> Path:
     """A tiny GPT-2 with its own byte-level BPE tokenizer, saved like a Hub model dir."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2fit.tokenizer import train_bpe
+    from gpt2fit.prepare.tokenizers import train_bpe
 
     d = tmp_path_factory.mktemp("base") / "tiny-gpt2"
     texts = [f"Document {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(400)]
@@ -105,7 +105,7 @@ def test_failed_push_never_fails_training(base_model, docs, tmp_path):
 
 
 def test_token_files_from_another_tokenizer_are_refused(base_model, docs, tmp_path):
-    from gpt2fit.data import prepare
+    from gpt2fit.prepare.core import prepare
 
     prepare([str(docs)], str(tmp_path / "chars"), tokenizer="char", val_fraction=0.25, quiet=True)
     p = run_cli("train", "finetune-gpt2-medium-12gb", "--init_from", base_model, "--data_dir",

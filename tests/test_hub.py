@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2fit import hub
+from gpt2fit.publish import push as hub
 from gpt2fit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,9 +82,9 @@ def run_dir(tmp_path_factory) -> Path:
             {"kind": "eval", "step": 20, "tokens": 10240, "val_loss": 5.1234, "val_ppl": 167.9}]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "loss.png").write_bytes(_png())
-    # complete: step_10 (paths.py's COMPLETE marker), step_00000030 (checkpoint.py's MANIFEST.json);
-    # incomplete: step_20 (no marker), .tmp-step_00000040 (interrupted save)
-    for name, marker in (("step_10", "COMPLETE"), ("step_00000030", "MANIFEST.json"), ("step_20", None),
+    # complete (formats.complete_checkpoints: a manifest): step_10, step_00000030;
+    # incomplete: step_20 (no manifest), .tmp-step_00000040 (interrupted save)
+    for name, marker in (("step_10", "MANIFEST.json"), ("step_00000030", "MANIFEST.json"), ("step_20", None),
                          (".tmp-step_00000040", None)):  # fmt: skip
         ck = run / "checkpoints" / name
         ck.mkdir(parents=True)
@@ -147,7 +147,7 @@ def test_push_run_uploads_a_loadable_model_with_card(run_dir, tmp_path):
                 "checkpoints/step_10/trainer_state.json", "checkpoints/step_00000030/model.safetensors",
                 "checkpoints/step_00000030/trainer_state.json"}  # fmt: skip
     assert expected <= set(files)
-    local_only = (".bin", ".pkl", "COMPLETE", "MANIFEST.json")
+    local_only = (".bin", ".pkl", "MANIFEST.json")
     assert not [f for f in files if f.endswith(local_only) or "step_20" in f or ".tmp" in f], sorted(files)
     assert files["model.safetensors"] == (run_dir / "final" / "model.safetensors").read_bytes()
     assert {p for p, _ in result.files} == set(files)

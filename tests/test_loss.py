@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2fit.errors import UserError
-from gpt2fit.loss import DEFAULT_CHUNK_SIZE, _ChunkedLinearCrossEntropy, lm_loss
+from gpt2fit.train.loss import DEFAULT_CHUNK_SIZE, _ChunkedLinearCrossEntropy, lm_loss
 
 
 def _inputs(B, T, C, V, dtype, seed=0, n_ignored=0):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from gpt2fit.config import ModelArgs
-from gpt2fit.model import build_config
-from gpt2fit.optim import decay_param_names
+from gpt2fit.train.model import build_config
+from gpt2fit.train.optim import decay_param_names
 
 
 @pytest.mark.parametrize("preset, expected", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168)])
@@ -35,7 +35,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_gradient_checkpointing_saves_activations_and_keeps_gradients():
-    from gpt2fit.model import CausalLM, build_model
+    from gpt2fit.train.model import CausalLM, build_model
 
     margs = ModelArgs(n_layer=3, n_head=2, n_embd=32, block_size=16)
     x = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -67,8 +67,8 @@ def test_bias_false_is_nanogpts_bias_free_model_in_a_standard_gpt2(tmp_path):
     the saved model is an ordinary GPT2LMHeadModel computing the bias-free function."""
     from transformers import GPT2LMHeadModel
 
-    from gpt2fit.model import CausalLM, build_model
-    from gpt2fit.optim import param_groups
+    from gpt2fit.train.model import CausalLM, build_model
+    from gpt2fit.train.optim import param_groups
 
     margs = ModelArgs(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False)
     lm = build_model(margs, vocab_size=100, seed=0, eot_id=99)

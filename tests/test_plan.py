@@ -12,21 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gpt2fit import plan
+from gpt2fit.plan import planner as plan
 from gpt2fit.errors import UserError
-from gpt2fit.plan import (
-    GPUS,
-    count_params,
-    count_params_for_flops,
-    device_peak_flops,
-    estimate_memory,
-    flops_per_token,
-    main,
-    max_micro_batch,
-    parse_count,
-    parse_size,
-    plan_run,
-)
+from gpt2fit.hardware import GPUS, device_peak_flops, flops_per_token
+from gpt2fit.plan.planner import count_params, count_params_for_flops, estimate_memory, main, max_micro_batch, plan_run
+from gpt2fit.units import parse_count, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -221,9 +211,9 @@ def test_bad_choices_are_user_errors():
 
 
 def test_loss_chunk_size_matches_the_loss_module():
-    from gpt2fit.loss import DEFAULT_CHUNK_SIZE
+    from gpt2fit.train.loss import DEFAULT_CHUNK_SIZE
 
-    from gpt2fit.loss import _VOCAB_SLICE
+    from gpt2fit.train.loss import _VOCAB_SLICE
 
     assert plan.LOSS_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
     assert plan.LOSS_VOCAB_SLICE == _VOCAB_SLICE
@@ -268,8 +258,8 @@ def test_activation_formula_matches_saved_tensors_on_cpu(activation):
 
 
 def test_planner_plans_the_activation_gpt2fit_trains_with():
-    from gpt2fit.model import GELU
-    from gpt2fit.plan import DEFAULT_ACTIVATION, model_shape
+    from gpt2fit.train.model import GELU
+    from gpt2fit.plan.planner import DEFAULT_ACTIVATION, model_shape
 
     assert DEFAULT_ACTIVATION == GELU
     assert model_shape("gpt2-medium").activation == GELU
@@ -302,7 +292,7 @@ def _peak_bytes(fn):
 def test_logits_formula_matches_profiled_peak_on_cpu(impl, precision):
     import torch
 
-    from gpt2fit.loss import lm_loss
+    from gpt2fit.train.loss import lm_loss
 
     B, T, C, V, chunk = 2, 128, 64, 8000, 64
     cfg = {"n_layer": 1, "n_head": 1, "n_embd": C, "n_positions": T, "vocab_size": V}
@@ -455,7 +445,7 @@ def test_plan_module_does_not_import_torch():
 
 
 def test_measured_mfu_comes_only_from_rows_at_the_planned_settings():
-    from gpt2fit.plan import lookup_mfu
+    from gpt2fit.plan.planner import lookup_mfu
 
     base = {"model": "gpt2", "grad_checkpointing": False, "optimizer": "adamw", "device": "NVIDIA H100 80GB HBM3",
             "block_size": 1024, "precision": "bf16", "compile": False, "tf32": True, "_file": "b.json"}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2fit import cli
-from gpt2fit import plot as gp
+from gpt2fit import cli as cli
+from gpt2fit.evaluate import plot as gp
 from gpt2fit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpt2fit.prepare as P
-from gpt2fit.data import read_meta
+import gpt2fit.prepare.core as P
+from gpt2fit.formats import read_meta
 from gpt2fit.errors import UserError
-from gpt2fit.tokenizer import EOT, build_char_tokenizer, train_bpe
+from gpt2fit.prepare.tokenizers import EOT, build_char_tokenizer, train_bpe
 
 from conftest import GPT2_TOKENIZER, SHAKESPEARE, corpus_text, need_shared, run_cli
 
@@ -489,7 +489,7 @@ def test_real_full_disk_on_a_tiny_tmpfs(tmp_path, bpe_dir):
 # tokenizer training, CLI
 # ------------------------------------------------------------------------------------------
 def test_bpe_training_streams_a_bounded_sample(tmp_path, docs, monkeypatch):
-    import gpt2fit.tokenizer as T
+    import gpt2fit.prepare.tokenizers as T
 
     seen = {}
     real = T.train_bpe
@@ -517,14 +517,14 @@ def test_every_cli_flag_has_help():
     for action in p._actions:
         if action.dest != "help":
             assert action.help and action.help != "==SUPPRESS==", action.dest
-    from gpt2fit.data import build_prepare_parser, main
+    from gpt2fit.prepare.core import build_prepare_parser, main
 
     assert build_prepare_parser() is not None and main is not None
 
 
 def test_max_tokens_flag_takes_the_same_counts_as_training():
     """The README's `--max_tokens 10B` once failed here: prepare parsed counts with int(float())."""
-    from gpt2fit.prepare import build_prepare_parser
+    from gpt2fit.prepare.core import build_prepare_parser
 
     parse = build_prepare_parser().parse_args
     for text, n in (("10B", 10**10), ("2.5M", 2_500_000), ("1e9", 10**9), ("300k", 300_000)):

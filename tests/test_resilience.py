@@ -31,10 +31,10 @@ import pytest
 import torch
 
 from conftest import ROOT, read_rows, run_cli, tiny_flags
-from gpt2fit import checkpoint as ckpt
+from gpt2fit.train import checkpoint as ckpt
 from gpt2fit.cli import run_main
-from gpt2fit.train import EXIT_PREEMPTED
-from gpt2fit.train import main as train_main
+from gpt2fit.train.loop import EXIT_PREEMPTED
+from gpt2fit.train.loop import main as train_main
 
 ENV = {"OMP_NUM_THREADS": "1"}
 STEPS = 24
@@ -297,7 +297,7 @@ def die():
 
 
 import accelerate.checkpointing as ac
-import gpt2fit.checkpoint as ck
+import gpt2fit.train.checkpoint as ck
 
 if phase == "model_write":  # half of model.safetensors is on disk
     orig_save = ac.save
@@ -528,7 +528,7 @@ def poison_loss(monkeypatch, steps, factor=float("nan")) -> dict:
 
     Returns {step: all parameters as the step saw them}, i.e. the weights after the previous step.
     """
-    from gpt2fit.model import CausalLM
+    from gpt2fit.train.model import CausalLM
 
     orig = CausalLM.forward
     seen = {}
@@ -679,7 +679,7 @@ def test_inf_weights_diverge_without_any_patching(char_data, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 def test_oom_message_names_the_knobs_and_the_planner(char_data, tmp_path):
     from gpt2fit.config import parse_config
-    from gpt2fit.train import oom_message
+    from gpt2fit.train.loop import oom_message
 
     cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "r", optimizer="adamw8bit", grad_checkpointing="true",
                                      block_size=64, preset="gpt2-medium"))
@@ -690,7 +690,7 @@ def test_oom_message_names_the_knobs_and_the_planner(char_data, tmp_path):
 
 
 def test_oom_during_training_becomes_a_clear_error(char_data, tmp_path, monkeypatch, capsys):
-    import gpt2fit.train as train
+    import gpt2fit.train.loop as train
 
     def oom(run):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -863,7 +863,7 @@ def test_sample_and_eval_refuse_pickled_weights(char_data, tmp_path, command, ca
     from safetensors.torch import load_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2fit.tokenizer import load_tokenizer
+    from gpt2fit.prepare.tokenizers import load_tokenizer
 
     model_dir = tmp_path / "pickled"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=128)).save_pretrained(

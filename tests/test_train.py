@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_rows, run_cli, tiny_flags
-from gpt2fit.train import main as train_main
+from gpt2fit.train.loop import main as train_main
 
 
 def train(data, out, **over) -> int:
@@ -49,7 +49,7 @@ def test_final_loads_with_stock_transformers_and_generates(char_data, tmp_path):
     text = gen("def ", max_new_tokens=10, do_sample=False)[0]["generated_text"]
     assert text.startswith("def ") and len(text) > 4
     # the exported weights are the trained ones: same val loss as the last eval row
-    from gpt2fit.data import open_split
+    from gpt2fit.formats import open_split
 
     val = open_split(char_data, "val")
     w = torch.from_numpy(val[:33].astype("int64"))[None]
@@ -128,7 +128,7 @@ def test_eight_bit_optimizer_runs_and_keeps_embedding_state_32bit(char_data, tmp
 
 def test_token_budget_and_epochs_set_the_run_length(char_data, tmp_path):
     from gpt2fit.config import parse_config
-    from gpt2fit.train import setup
+    from gpt2fit.train.loop import setup
 
     cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "a", max_steps=None, max_tokens="1.28k"))
     run = setup(cfg)
@@ -208,7 +208,7 @@ def test_periodic_hellaswag_rows(char_data, tmp_path):
     rows = read_rows(out, "hellaswag")
     assert [r["step"] for r in rows] == [2, 4] and all(r["n"] == 4 for r in rows)
     # the last row is the final model's score on the same fixed subset, computed independently here
-    from gpt2fit.evaluate import hellaswag_subset, load_hellaswag, load_model_and_tokenizer, score_hellaswag
+    from gpt2fit.evaluate.core import hellaswag_subset, load_hellaswag, load_model_and_tokenizer, score_hellaswag
 
     model, tok = load_model_and_tokenizer(str(out), device="cpu")
     res = score_hellaswag(model, tok, hellaswag_subset(load_hellaswag(fixture), 4, seed=7))

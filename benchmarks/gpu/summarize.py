@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from gpt2fit.bench import table
+from gpt2fit.train.bench import table
 
 DEFAULTS = {"grad_checkpointing": False, "optimizer": "adamw", "loss_chunk_size": 0, "compile": False,
             "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True, "data": "random", "num_workers": 0,

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ArgumentParser, UserError, suggest
+from gpt2fit.errors import ArgumentParser, UserError, suggest
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -389,7 +389,7 @@ def validate(cfg: TrainConfig) -> None:
     if r.max_tokens is not None:
         parse_count(r.max_tokens, "max_tokens")
     if r.max_memory is not None:
-        from .plan import parse_size
+        from gpt2fit.units import parse_size
 
         parse_size(r.max_memory)
     if r.host_sync == "log" and (o.optimizer != "adamw" or r.mixed_precision == "fp16"):
@@ -427,7 +427,7 @@ def micro_batch(cfg: TrainConfig) -> int | None:
 
 
 def parse_count(text: str | int | float, key: str = "value") -> int:
-    from .plan import parse_count as _parse
+    from gpt2fit.units import parse_count as _parse
 
     try:
         n = _parse(text)

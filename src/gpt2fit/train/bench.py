@@ -69,7 +69,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ArgumentParser, UserError, positive_int, suggest
+from gpt2fit.errors import ArgumentParser, UserError, positive_int, suggest
 
 SCHEMA_VERSION = 1
 DATA_MODES = ("random", "loader")
@@ -87,7 +87,7 @@ GIB = 1024**3
 
 def grid_keys() -> dict[str, tuple | None]:
     """Grid key -> its choices (None: any value the train flag accepts)."""
-    from .config import FIELDS, DataArgs, ModelArgs, OptimArgs
+    from gpt2fit.config import FIELDS, DataArgs, ModelArgs, OptimArgs
 
     keys: dict[str, tuple | None] = {}
     for name, (sec, fl, _) in FIELDS.items():
@@ -102,7 +102,7 @@ def parse_grid(groups: list[list[str]] | None) -> tuple[list[dict[str, Any]], di
 
     Values are checked (and converted) the way the train flags are, before anything runs.
     """
-    from .config import FIELDS, coerce
+    from gpt2fit.config import FIELDS, coerce
 
     allowed = grid_keys()
     cells: list[dict[str, Any]] = []
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fixed_settings(args) -> dict[str, Any]:
     """The bench flags as train-flag settings (the grid overrides them per cell)."""
-    from .config import coerce
+    from gpt2fit.config import coerce
 
     s: dict[str, Any] = {}
     if args.preset is None and args.init_from is None and args.n_layer is None:
@@ -268,8 +268,8 @@ def _cpu_name() -> str:
 def environment(device) -> dict:
     import torch
 
-    from . import __version__
-    from .plan import device_peak_flops, gpu_key_for_device
+    from gpt2fit import __version__
+    from gpt2fit.hardware import device_peak_flops, gpu_key_for_device
 
     dev = {"type": device.type, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -369,9 +369,9 @@ def write_random_data_dir(path: Path, vocab_size: int, tokens: int, seed: int, b
     """A data dir of random token ids (meta.json as `gpt2fit prepare` writes it), for setup()."""
     import numpy as np
 
-    from . import paths
-    from .data import dtype_for_vocab
-    from .tokenizer import build_char_tokenizer
+    from gpt2fit import formats
+    from gpt2fit.formats import dtype_for_vocab
+    from gpt2fit.prepare.tokenizers import build_char_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for_vocab(vocab_size)
@@ -381,13 +381,13 @@ def write_random_data_dir(path: Path, vocab_size: int, tokens: int, seed: int, b
     for split, n in (("train", tokens), ("val", n_val)):
         rng.integers(0, vocab_size, size=n, dtype=np.int64).astype(dtype).tofile(path / f"{split}.bin")
     # setup() loads the data dir's tokenizer; the bench never decodes, so a 2-symbol one stands in
-    build_char_tokenizer(["ab"]).save_pretrained(str(path / paths.TOKENIZER_DIR))
+    build_char_tokenizer(["ab"]).save_pretrained(str(path / formats.TOKENIZER_DIR))
     meta = {"dtype": dtype,
-            "tokenizer": {"name_or_path": str(path / paths.TOKENIZER_DIR), "kind": "random",
+            "tokenizer": {"name_or_path": str(path / formats.TOKENIZER_DIR), "kind": "random",
                           "vocab_size": vocab_size, "eot_id": vocab_size - 1},
             "splits": {"train": {"tokens": tokens, "documents": 1}, "val": {"tokens": n_val, "documents": 1}},
             "source": {"inputs": [f"uniform random token ids in [0, {vocab_size}) (gpt2fit bench, seed {seed})"]}}
-    (path / paths.META).write_text(json.dumps(meta, indent=2))
+    (path / formats.META).write_text(json.dumps(meta, indent=2))
     return path
 
 
@@ -470,7 +470,7 @@ def memory_fields(device) -> dict:
     """Peak memory since the last reset: CUDA allocator peaks, or the process's peak RSS on the CPU."""
     import torch
 
-    from .metrics import peak_memory_bytes
+    from gpt2fit.train.report import peak_memory_bytes
 
     if device.type == "cuda":
         return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
@@ -487,7 +487,7 @@ def model_label(settings: dict) -> str:
         return str(settings["init_from"])
     if settings.get("preset") and all(settings.get(k) is None for k in ("n_layer", "n_head", "n_embd")):
         return str(settings["preset"])
-    from .model import PRESETS
+    from gpt2fit.train.model import PRESETS
 
     dims = dict(PRESETS.get(settings.get("preset") or "gpt2"))
     dims.update({k: settings[k] for k in ("n_layer", "n_head", "n_embd") if settings.get(k) is not None})
@@ -500,7 +500,8 @@ def _precision(mixed_precision: str) -> str:
 
 def predicted_memory(lm_config, cfg, *, micro: int, precision: str, n_processes: int, max_memory) -> dict:
     """plan.estimate_memory for exactly this cell's settings (what `gpt2fit plan` would say)."""
-    from .plan import estimate_memory, parse_size
+    from gpt2fit.plan.planner import estimate_memory
+    from gpt2fit.units import parse_size
 
     est = estimate_memory(
         lm_config, block_size=cfg.model.block_size, micro_batch_size=micro, precision=precision,
@@ -520,7 +521,7 @@ def predicted_memory(lm_config, cfg, *, micro: int, precision: str, n_processes:
 
 def cell_argv(settings: dict, data_dir, out_dir, total_steps: int) -> list[str]:
     """The `gpt2fit train` flags of one cell (its train-flag settings + a throwaway run)."""
-    from .config import FIELDS
+    from gpt2fit.config import FIELDS
 
     argv = ["--data_dir", str(data_dir), "--out_dir", str(out_dir), "--max_steps", str(total_steps),
             "--eval_interval", str(10**9), "--log_interval", str(10**9), "--report_to", "none"]
@@ -532,8 +533,8 @@ def cell_argv(settings: dict, data_dir, out_dir, total_steps: int) -> list[str]:
 
 def check_cells(settings_list: list[dict]) -> None:
     """Resolve every cell's config before anything runs, so a bad combination fails in a second."""
-    from .config import parse_config
-    from .plan import parse_size
+    from gpt2fit.config import parse_config
+    from gpt2fit.units import parse_size
 
     for i, s in enumerate(settings_list, 1):
         try:
@@ -563,11 +564,12 @@ def run_cell(row: dict, settings: dict, *, data_dir: Path, warmup: int, steps: i
     goes (so a cell that runs out of memory still has its settings and the planner's prediction)."""
     import torch
 
-    from .config import micro_batch, parse_config
-    from .data import read_meta
-    from .model import build_config
-    from .plan import count_params_for_flops, flops_per_token
-    from .train import setup, train_step
+    from gpt2fit.config import micro_batch, parse_config
+    from gpt2fit.formats import read_meta
+    from gpt2fit.train.model import build_config
+    from gpt2fit.plan.planner import count_params_for_flops
+    from gpt2fit.hardware import flops_per_token
+    from gpt2fit.train.loop import setup, train_step
 
     out_dir = Path(tempfile.mkdtemp(prefix="cell-", dir=workdir))
     cfg, _ = parse_config(cell_argv(settings, data_dir, out_dir, warmup + steps), prog="gpt2fit bench")
@@ -602,7 +604,7 @@ def run_cell(row: dict, settings: dict, *, data_dir: Path, warmup: int, steps: i
         pool = min((warmup + steps) * run.accum, 32)
         batches = iter(RandomBatches(vocab_size, run.micro, cfg.model.block_size, device, pool=pool, seed=cfg.run.seed))
     else:
-        from .data import make_loader
+        from gpt2fit.train.batches import make_loader
 
         loader = make_loader(run.train_batches, 0, cfg.data.num_workers,
                              pin_memory=cfg.data.pin_memory and device.type == "cuda")
@@ -665,9 +667,9 @@ def run_trainer_baseline(settings: dict, *, data_dir: Path, warmup: int, steps: 
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from .config import parse_config
-    from .data import read_meta
-    from .model import build_model
+    from gpt2fit.config import parse_config
+    from gpt2fit.formats import read_meta
+    from gpt2fit.train.model import build_model
 
     argv = ["--data_dir", str(data_dir), "--out_dir", str(workdir / "trainer-cfg"), "--max_steps", "1"]
     for key in TRAINER_SETTING_KEYS:
@@ -685,7 +687,7 @@ def run_trainer_baseline(settings: dict, *, data_dir: Path, warmup: int, steps: 
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32  # as the gpt2fit cells run
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
         if cfg.run.max_memory:
-            from .plan import parse_size
+            from gpt2fit.units import parse_size
 
             cap = parse_size(cfg.run.max_memory)
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(device).total_memory))
@@ -763,7 +765,7 @@ def run_trainer_baseline(settings: dict, *, data_dir: Path, warmup: int, steps: 
 
 
 def model_vocab(cfg, vocab: int) -> int:
-    from .model import padded_vocab
+    from gpt2fit.train.model import padded_vocab
 
     return padded_vocab(vocab, cfg.model.pad_vocab_to)
 
@@ -973,7 +975,7 @@ def run_bench(args, cells: list[dict], fixed: dict) -> tuple[dict, Path, int]:
         workdir = Path(tmp)
         if args.data_dir:
             data_dir = Path(args.data_dir)
-            from .data import read_meta
+            from gpt2fit.formats import read_meta
 
             vocab = int(read_meta(data_dir)["tokenizer"]["vocab_size"])
         else:
@@ -1075,6 +1077,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -14,37 +14,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-from . import paths
-from .errors import UserError
+from gpt2fit import formats
+from gpt2fit.errors import UserError
 
-STATE = "trainer_state.json"
-MANIFEST = "MANIFEST.json"
-_STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def ckpt_root(run_dir) -> Path:
-    return Path(run_dir) / paths.CHECKPOINTS
-
-
-def step_dir(run_dir, step: int) -> Path:
-    return ckpt_root(run_dir) / f"step_{step:08d}"
-
-
-def complete_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = ckpt_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and (p / MANIFEST).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+STATE = formats.CKPT_STATE
+MANIFEST = formats.CKPT_MANIFEST
+ckpt_root = formats.checkpoint_root
+step_dir = formats.checkpoint_dir
+complete_checkpoints = formats.complete_checkpoints
 
 
 def verify(path: Path) -> dict:
@@ -169,7 +149,7 @@ def export_final(accelerator, model, tokenizer, run_dir) -> Path:
 
     state_dict = accelerator.get_state_dict(model)
     lm = accelerator.unwrap_model(model, keep_torch_compile=False).lm
-    final = Path(run_dir) / paths.FINAL
+    final = Path(run_dir) / formats.FINAL
     tmp = final.parent / ".tmp-final"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

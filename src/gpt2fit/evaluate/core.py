@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArgumentParser, UserError, positive_int
-from .paths import EVAL_RESULTS, FINAL, META, SUMMARY, CONFIG, is_run_dir, resolve_model_path
+from gpt2fit.errors import ArgumentParser, UserError, positive_int
+from gpt2fit.formats import EVAL_RESULTS, FINAL, META, SUMMARY, CONFIG, is_run_dir, resolve_model_path
 
 HELLASWAG_NORMALIZATION = (
     "acc_norm = per-token mean log-prob (llm.c); "
@@ -709,6 +709,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

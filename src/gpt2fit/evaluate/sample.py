@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from .errors import ArgumentParser, UserError
-from .paths import resolve_model_path
+from gpt2fit.errors import ArgumentParser, UserError
+from gpt2fit.formats import resolve_model_path
 
 
 def load(path_or_id: str, device: str | None = None):
@@ -80,6 +80,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -17,13 +17,13 @@ import os
 
 import torch
 
-from .errors import UserError
+from gpt2fit.errors import UserError
 
 CPU_CAP = 64
 
 
 def planned_micro_batch(cfg, lm_config, memory_bytes: int, precision: str, world: int) -> int:
-    from .plan import max_micro_batch
+    from gpt2fit.plan.planner import max_micro_batch
 
     return max_micro_batch(
         lm_config, memory_bytes=memory_bytes, block_size=cfg.model.block_size, precision=precision,
@@ -77,7 +77,7 @@ def auto_micro_batch(cfg, model, accelerator) -> int:
         accelerator.print(f"micro_batch_size auto: {est} (planner estimate for {ram / 2**30:.0f} GiB host RAM, "
                           f"capped at {CPU_CAP})")
         return est
-    from .plan import parse_size
+    from gpt2fit.units import parse_size
 
     total = torch.cuda.get_device_properties(device).total_memory
     memory = min(total, parse_size(cfg.run.max_memory)) if cfg.run.max_memory else total
@@ -99,7 +99,7 @@ PROBE_STEPS = 2  # the first step allocates the optimizer states; the second bac
 
 
 def _try_step(cfg, model, accelerator, batch: int) -> None:
-    from .optim import build_optimizer
+    from gpt2fit.train.optim import build_optimizer
 
     vocab = model.lm.config.vocab_size
     x = torch.randint(0, vocab, (batch, cfg.model.block_size + 1), device=accelerator.device)

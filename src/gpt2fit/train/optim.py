@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .errors import UserError
+from gpt2fit.errors import UserError
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

@@ -88,104 +88,13 @@ import argparse
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ArgumentParser, UserError, positive_int, suggest
-
-KiB, MiB, GiB = 1024, 1024**2, 1024**3
-
-# ---------------------------------------------------------------------------------------------
-# GPUs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GPU:
-    """A GPU as the planner sees it: memory and dense bf16 tensor-core peak."""
-
-    name: str  # marketing name, e.g. "GeForce RTX 4070"
-    memory_bytes: int  # total device memory (before the CUDA context)
-    bf16_dense_flops: float  # FLOP/s, dense (no 2:4 sparsity), bf16 inputs with fp32 accumulate
-    notes: str = ""
-
-
-# Peak convention, the same for every card: dense BF16 tensor-core FLOP/s with FP32 accumulate
-# (the only accumulate mode bf16 has), at boost clock, no sparsity. GeForce cards run FP32
-# accumulate at half their FP16-accumulate rate, so their number is half the headline "FP16
-# tensor" figure: the RTX 4090's 165.2 is the Ada whitepaper's "Peak BF16 Tensor TFLOPS with FP32
-# Accumulate" (330.3 with FP16 accumulate). Sources: NVIDIA Ampere GA102 whitepaper (RTX 3090:
-# 71 TFLOPS), NVIDIA Ada Lovelace whitepaper (RTX 4090: 165.2; RTX 4070 Ti: 80.2), A100 / H100 /
-# H200 datasheets (312 / 989 SXM / 756 PCIe / 989, dense = half the "with sparsity" figure). The
-# RTX 3060 and RTX 4070 are not in those tables: tensor cores x boost clock x 128 FLOP/clock per
-# tensor core (the per-core rate that reproduces the 3090 and 4090 figures), i.e.
-# 112 x 1.777 GHz x 128 = 25.5 and 184 x 2.475 GHz x 128 = 58.3. (The ~51 often quoted for the
-# 3060 is its FP16-accumulate rate.) Memory: GDDR6(X) and HBM "GB" are GiB here (12 GiB =
-# 12,884,901,888 bytes); the H200 uses the 143,771 MiB that nvidia-smi reports for its "141 GB".
-GPUS: dict[str, GPU] = {
-    "rtx-3060": GPU("GeForce RTX 3060 12GB", 12 * GiB, 25.5e12,
-                    "Ampere GA106, 112 tensor cores @ 1.777 GHz; a desktop display uses some memory"),
-    "rtx-3090": GPU("GeForce RTX 3090", 24 * GiB, 71.0e12, "Ampere GA102; GA102 whitepaper"),
-    "rtx-4070": GPU("GeForce RTX 4070", 12 * GiB, 58.3e12,
-                    "Ada AD104, 184 tensor cores @ 2.475 GHz; a desktop display uses some memory"),
-    "rtx-4070-ti": GPU("GeForce RTX 4070 Ti", 12 * GiB, 80.2e12, "Ada AD104, 240 tensor cores @ 2.61 GHz"),
-    "rtx-4090": GPU("GeForce RTX 4090", 24 * GiB, 165.2e12, "Ada AD102; Ada whitepaper"),
-    "a100-40gb": GPU("A100 40GB", 40 * GiB, 312e12, "SXM4 or PCIe; A100 datasheet"),
-    "a100-80gb": GPU("A100 80GB", 80 * GiB, 312e12, "SXM4 or PCIe; A100 datasheet"),
-    "h100-80gb": GPU("H100 80GB SXM", 80 * GiB, 989e12, "SXM5, HBM3; H100 datasheet"),
-    "h100-pcie": GPU("H100 PCIe", 80 * GiB, 756e12, "PCIe, HBM2e; H100 datasheet"),
-    "h200": GPU("H200", 143771 * MiB, 989e12, "141 GB HBM3e (nvidia-smi: 143,771 MiB); H200 datasheet"),
-}
-
-# torch.cuda.get_device_name() -> GPUS key. Variants with other specs (Ti / Super / laptop / 4090 D
-# / H100 NVL) deliberately map to nothing rather than to a wrong number.
-_DEVICE_PATTERNS: list[tuple[str, str | None]] = [
-    (r"laptop|mobile|max-q", None),
-    (r"h100.*nvl", None),
-    (r"\bh200\b", "h200"),
-    (r"h100.*pcie", "h100-pcie"),
-    (r"\bh100\b", "h100-80gb"),
-    (r"a100.*80\s*gb", "a100-80gb"),
-    (r"\ba100\b", "a100-40gb"),
-    (r"rtx[\s-]*4090\b(?![\s-]*d\b)", "rtx-4090"),
-    (r"rtx[\s-]*4070[\s-]*ti\b(?![\s-]*super)", "rtx-4070-ti"),
-    (r"rtx[\s-]*4070\b(?![\s-]*(ti|super))", "rtx-4070"),
-    (r"rtx[\s-]*3090\b(?![\s-]*ti)", "rtx-3090"),
-    (r"rtx[\s-]*3060\b(?![\s-]*ti)", "rtx-3060"),
-]
-
-
-def gpu_key_for_device(device_name: str) -> str | None:
-    """The GPUS key for a ``torch.cuda.get_device_name()`` string, or None when unknown."""
-    name = str(device_name).lower().replace("_", " ")
-    for pattern, key in _DEVICE_PATTERNS:
-        if re.search(pattern, name):
-            return key
-    return None
-
-
-def device_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s for a device name such as "NVIDIA H100 80GB HBM3"; None if unknown."""
-    key = gpu_key_for_device(device_name)
-    return GPUS[key].bf16_dense_flops if key else None
-
-
-def resolve_gpu(name: str) -> tuple[str, GPU]:
-    """A GPUS key, or a device name as torch reports it, -> (key, GPU); UserError otherwise."""
-    text = str(name).strip()
-    key = text.lower().replace(" ", "-").replace("_", "-")
-    if key in GPUS:
-        return key, GPUS[key]
-    found = gpu_key_for_device(text)
-    if found:
-        return found, GPUS[found]
-    raise UserError(
-        f"unknown GPU {name!r}.{suggest(key, GPUS)} Known: {', '.join(GPUS)}; "
-        "or describe yours with --memory 12GiB --peak_tflops 58.3"
-    )
+from gpt2fit.errors import ArgumentParser, UserError, positive_int, suggest
+from gpt2fit.hardware import GPU, GPUS, flops_per_token, gpu_key_for_device, resolve_gpu
+from gpt2fit.units import GiB, MiB, format_count, format_duration, parse_count, parse_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,71 +215,6 @@ def count_params_for_flops(model_cfg: Any) -> int:
     """
     m = model_shape(model_cfg)
     return count_params(m) - m.n_positions * m.n_embd
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token, forward + backward: 6N + 12*L*C*T (PaLM appendix B, nanoGPT).
-
-    Pass N = count_params_for_flops(cfg). 12*L*C*T counts the attention matmuls (QK^T and AV,
-    2 each forward, x3 with backward) over the full T x T square, as nanoGPT's MFU does.
-    """
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing sizes and counts
-# ---------------------------------------------------------------------------------------------
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": 1024**4, "tib": 1024**4,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-}
-_SIZE_FORMS = "bytes (12884901888), KiB/MiB/GiB/TiB or K/M/G/T (binary: 800MiB, 11.5G), KB/MB/GB/TB (decimal: 12GB)"
-_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_COUNT_FORMS = "an integer (491520, 1_000_000), scientific (1e9) or k/M/B/T suffixes (300k, 2.5M, 10B)"
-_NUMBER = r"([0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)(e[+-]?[0-9]+)?"
-
-
-def _split_number(text: str, units: Iterable[str]) -> tuple[Decimal, str] | None:
-    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())
-    if not m or m.group(3) not in units:
-        return None
-    try:
-        return Decimal(m.group(1).replace("_", "") + (m.group(2) or "")), m.group(3)
-    except InvalidOperation:
-        return None
-
-
-def parse_size(text: str | int) -> int:
-    """A memory size -> bytes. "12GiB", "12G", "11.5G", "800MiB" are binary (1 GiB = 1024**3);
-    "12GB", "800MB" are decimal (1 GB = 10**9); a bare number is bytes. Rounds down to a byte."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise UserError(f"memory size must be positive, got {text}; use {_SIZE_FORMS}")
-        return text
-    parsed = _split_number(str(text), _SIZE_UNITS)
-    if parsed is None or parsed[0] <= 0:
-        raise UserError(f"cannot read memory size {text!r}; use {_SIZE_FORMS}")
-    value = int(parsed[0] * _SIZE_UNITS[parsed[1]])
-    if value <= 0:
-        raise UserError(f"memory size {text!r} is less than a byte; use {_SIZE_FORMS}")
-    return value
-
-
-def parse_count(text: str | int) -> int:
-    """A count -> int: "10B" = 10**9 * 10, "2.5M", "300k", "1e9", "491520". Must be a whole number."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise UserError(f"count must not be negative, got {text}")
-        return text
-    parsed = _split_number(str(text), _COUNT_UNITS)
-    if parsed is None:
-        raise UserError(f"cannot read count {text!r}; use {_COUNT_FORMS}")
-    value = parsed[0] * _COUNT_UNITS[parsed[1]]
-    if value != value.to_integral_value():
-        raise UserError(f"count {text!r} is not a whole number; use {_COUNT_FORMS}")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,27 +764,6 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def _human_count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = seconds / 60
-    if minutes < 120:
-        return f"{minutes:.0f} min"
-    hours = minutes / 60
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
-
-
 def format_plan(p: PlanResult) -> str:
     m, g = p.model, p.gpu
     peak = f"{g.bf16_dense_flops / 1e12:.1f} TFLOP/s dense bf16" if g.bf16_dense_flops else "peak unknown"
@@ -984,9 +807,9 @@ def format_plan(p: PlanResult) -> str:
             lines.append("  throughput:    n/a (unknown peak FLOP/s: give --peak_tflops)")
     lines.append(f"  FLOPs/token:   {p.flops_per_token:.3g}  (6N + 12*L*C*T, N = {p.n_params_for_flops:,} without wpe)")
     budget = "Chinchilla-optimal budget" if p.budget_is_chinchilla else "budget"
-    lines.append(f"  {budget}: {_human_count(p.budget_tokens)} tokens -> {format_duration(p.time_to_budget_s)}, "
+    lines.append(f"  {budget}: {format_count(p.budget_tokens)} tokens -> {format_duration(p.time_to_budget_s)}, "
                  f"{p.training_flops:.3g} training FLOPs")
-    lines.append(f"  Chinchilla:    {_human_count(p.chinchilla_tokens)} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter)")
+    lines.append(f"  Chinchilla:    {format_count(p.chinchilla_tokens)} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter)")
     for n in p.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -1003,7 +826,7 @@ def _micro(text: str) -> int | str:
 
 def load_model_config(init_from: str) -> ModelShape:
     """config.json of a local model dir / run dir, or a Hub id via transformers' AutoConfig."""
-    from .paths import resolve_model_path
+    from gpt2fit.formats import resolve_model_path
 
     path = Path(resolve_model_path(init_from))
     if path.is_dir():

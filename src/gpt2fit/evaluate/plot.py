@@ -15,57 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 from pathlib import Path
 
-from .errors import ArgumentParser, UserError
-from .paths import METRICS, PLOT
+from gpt2fit.errors import ArgumentParser, UserError
+from gpt2fit.formats import METRICS, PLOT, read_metrics
 
 FIGSIZE = (10.0, 5.0)  # inches, one panel; two panels add HELLASWAG_HEIGHT
 HELLASWAG_HEIGHT = 3.0
 DPI = 100
 KINDS = ("train", "eval", "hellaswag")
-
-
-def read_metrics(run_dir) -> dict[str, list[dict]]:
-    """Rows of ``<run_dir>/metrics.jsonl`` split by kind: ``{"train": [...], "eval": [...],
-    "hellaswag": [...], <other kinds>: [...]}`` (a row without kind counts as train).
-
-    Lines that are not valid JSON are skipped: a truncated last line is what a killed run
-    leaves (silently skipped); a bad line elsewhere is skipped with a warning. When a resumed
-    run logs a step at or before one already read, the older rows from that step on are
-    dropped, so the curve shows what the resumed run did.
-    """
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        raise UserError(
-            f"{path} not found: {run_dir} is not a run dir (or its training has not logged yet); "
-            "pass the --out_dir of a `gpt2fit train` run"
-        )
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    out: dict[str, list[dict]] = {k: [] for k in KINDS}
-    bad = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if i != len(lines):
-                bad.append(i)
-            continue
-        if not isinstance(row, dict):
-            bad.append(i)
-            continue
-        rows = out.setdefault(row.get("kind", "train"), [])
-        step = row.get("step")
-        if isinstance(step, (int, float)) and rows and isinstance(rows[-1].get("step"), (int, float)):
-            if step <= rows[-1]["step"]:
-                rows[:] = [r for r in rows if not (isinstance(r.get("step"), (int, float)) and r["step"] >= step)]
-        rows.append(row)
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s): {bad[:5]}")
-    return out
 
 
 def smooth_values(values, window: int | None = None) -> list[float]:
@@ -314,6 +272,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

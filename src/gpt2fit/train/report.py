@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl rows, throughput, MFU and peak memory."""
+"""Reporting from the loop: metrics.jsonl rows and trackers, peak memory."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from . import paths
+from gpt2fit import formats, hardware
 
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (main process only) and to trackers."""
 
     def __init__(self, run_dir, accelerator, trackers: bool):
-        self.path = Path(run_dir) / paths.METRICS
+        self.path = Path(run_dir) / formats.METRICS
         self.accelerator = accelerator
         self.trackers = trackers
         self.main = accelerator.is_main_process
@@ -59,22 +59,7 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 
 
 def device_peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a CUDA device from the GPU table; None on the CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    from .plan import device_peak_flops as lookup
-
-    return lookup(torch.cuda.get_device_name(device))
-
-
-def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the device's dense bf16 peak."""
-    if not peak:
-        return None
-    return tokens_per_s_per_device * flops_per_token / peak
-
-
-def fmt_tokens(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
+    return hardware.device_peak_flops(torch.cuda.get_device_name(device))

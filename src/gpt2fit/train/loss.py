@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, suggest
+from gpt2fit.errors import UserError, suggest
 
 # Rows of logits per chunk. 1024 rows x 50257 vocab = 206 MB of float32 logits per chunk (plus
 # a 16-bit copy under autocast): a few percent of a 12 GB card, and matmuls still big enough to

@@ -49,9 +49,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from . import paths
-from .errors import ArgumentParser, UserError
+from gpt2fit import __version__
+from gpt2fit import formats
+from gpt2fit.errors import ArgumentParser, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,10 @@ MAX_BACKOFF_S = 60.0
 CHECKPOINT_ALLOW = ("*.safetensors", "*.json", "*.yaml", "*.txt")
 CHECKPOINT_IGNORE = ("MANIFEST.json", "COMPLETE")
 # A checkpoint dir is complete when it holds one of these (checkpoint.py writes MANIFEST.json last
-# and renames .tmp-step_N -> step_N; paths.py's contract names a COMPLETE marker).
-COMPLETE_MARKERS = ("MANIFEST.json", "COMPLETE")
+# and renames .tmp-step_N -> step_N; formats.py's contract names a COMPLETE marker).
 
 # Extra files of the run dir pushed next to final/ (repo root).
-RUN_EXTRAS = (paths.PLOT, paths.EVAL_RESULTS)
+RUN_EXTRAS = (formats.PLOT, formats.EVAL_RESULTS)
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 _SECRET_KEY_RE = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|credentials?)$", re.I)
@@ -281,10 +280,10 @@ class _RunFacts:
 
 
 def _gather(run: Path) -> _RunFacts:
-    config = _read_yaml(run / paths.CONFIG) or {}
-    summary = _read_json(run / paths.SUMMARY) or {}
-    evals = _read_json(run / paths.EVAL_RESULTS) or {}
-    last = _last_metrics(run / paths.METRICS)
+    config = _read_yaml(run / formats.CONFIG) or {}
+    summary = _read_json(run / formats.SUMMARY) or {}
+    evals = _read_json(run / formats.EVAL_RESULTS) or {}
+    last = _last_metrics(run / formats.METRICS)
     train_row, eval_row = last.get("train", {}), last.get("eval", {})
 
     init_from = _first(summary.get("init_from"), config.get("init_from"))
@@ -328,7 +327,7 @@ def _gather(run: Path) -> _RunFacts:
         val_tokens=ppl.get("tokens"),
         split=split,
         hellaswag=evals.get("hellaswag") if isinstance(evals.get("hellaswag"), dict) else {},
-        has_plot=(run / paths.PLOT).is_file(),
+        has_plot=(run / formats.PLOT).is_file(),
     )
 
 
@@ -498,7 +497,7 @@ def build_model_card(
         lines += [f"| {k} | {v} |" for k, v in hparams] + [""]
     lines += _evaluation_table(f)
     if f.has_plot:
-        lines += ["## Loss curve", "", f"![training and validation loss]({paths.PLOT})", ""]
+        lines += ["## Loss curve", "", f"![training and validation loss]({formats.PLOT})", ""]
     if checkpoints:
         note = "Intermediate weights (same config and tokenizer as the root; optimizer state not included):"
         lines += ["## Checkpoints", "", note, ""]
@@ -736,7 +735,7 @@ def _walk(src: Path, *, allow=None, ignore=()) -> list[str]:
 
 
 def snapshot(src: str | os.PathLike, dst: str | os.PathLike, *, allow=None, ignore=()) -> list[str]:
-    """Hard-link (copy where links fail) the files of ``src`` into ``dst``; returns their paths.
+    """Hard-link (copy where links fail) the files of ``src`` into ``dst``; returns their formats.
 
     A hard link survives the trainer deleting or renaming the original (checkpoint rotation),
     costs no disk space, and never writes to ``src``. It does not protect against a file being
@@ -758,24 +757,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """checkpoints/step_<N>/ dirs holding a completeness marker (COMPLETE_MARKERS), by step."""
-    root = Path(run_dir) / paths.CHECKPOINTS
-    found = []
-    for d in root.glob("step_*") if root.is_dir() else []:
-        suffix = d.name[len("step_"):]
-        if d.is_dir() and suffix.isdigit() and any((d / m).is_file() for m in COMPLETE_MARKERS):
-            found.append((int(suffix), d))
-    return [d for _, d in sorted(found)]
-
-
 def _check_run_dir(run_dir: str | os.PathLike) -> Path:
     run = Path(run_dir)
     if not run.exists():
         raise UserError(f"run dir {str(run)!r} does not exist — pass the --out_dir of a `gpt2fit train` run")
     if not run.is_dir():
         raise UserError(f"{str(run)!r} is not a directory — pass the run dir written by `gpt2fit train`")
-    if not (run / paths.FINAL / "config.json").is_file():
+    if not (run / formats.FINAL / "config.json").is_file():
         if (run / "config.json").is_file():
             raise UserError(f"{run} is a model dir, not a run dir — push it with `hf upload REPO_ID {run}`")
         raise UserError(
@@ -796,10 +784,10 @@ class PushResult:
 def run_files(run_dir: str | os.PathLike, *, include_checkpoints: bool = False) -> list[tuple[str, Path]]:
     """(path in repo, local file) for everything a push of ``run_dir`` uploads, except README.md."""
     run = Path(run_dir)
-    files = [(rel, run / paths.FINAL / rel) for rel in _walk(run / paths.FINAL, ignore=("README.md",))]
+    files = [(rel, run / formats.FINAL / rel) for rel in _walk(run / formats.FINAL, ignore=("README.md",))]
     files += [(extra, run / extra) for extra in RUN_EXTRAS if (run / extra).is_file()]
-    for ckpt in complete_checkpoints(run) if include_checkpoints else []:
-        prefix = f"{paths.CHECKPOINTS}/{ckpt.name}"
+    for ckpt in formats.complete_checkpoints(run) if include_checkpoints else []:
+        prefix = f"{formats.CHECKPOINTS}/{ckpt.name}"
         files += [(f"{prefix}/{rel}", ckpt / rel) for rel in _walk(ckpt, allow=CHECKPOINT_ALLOW, ignore=CHECKPOINT_IGNORE)]
     return files
 
@@ -831,7 +819,7 @@ def push_run(
     run = _check_run_dir(run_dir)
     check_repo_id(repo_id)
     files = run_files(run, include_checkpoints=include_checkpoints)
-    ckpt_dirs = sorted({path.rsplit("/", 1)[0] for path, _ in files if path.startswith(paths.CHECKPOINTS + "/")})
+    ckpt_dirs = sorted({path.rsplit("/", 1)[0] for path, _ in files if path.startswith(formats.CHECKPOINTS + "/")})
     card = str(build_model_card(run, repo_id=repo_id, license=license, revision=revision, checkpoints=ckpt_dirs))
     card_bytes = card.encode("utf-8")
     listing = sorted([(path, local.stat().st_size) for path, local in files] + [("README.md", len(card_bytes))])
@@ -885,9 +873,9 @@ def _push_command(
     flags += ["--revision", revision] if revision else []
     if is_run:
         return shlex.join(["gpt2fit", "push", str(folder), *flags])
-    if folder.name == paths.FINAL:
+    if folder.name == formats.FINAL:
         return shlex.join(["gpt2fit", "push", str(folder.parent), *flags])
-    if folder.parent.name == paths.CHECKPOINTS:
+    if folder.parent.name == formats.CHECKPOINTS:
         return shlex.join(["gpt2fit", "push", str(folder.parent.parent), *flags, "--include_checkpoints"])
     hf = ["hf", "upload", repo_id, str(folder)] + ([path_in_repo] if path_in_repo else [])
     return shlex.join(hf + (["--revision", revision] if revision else []) + (["--private"] if private else []))
@@ -984,7 +972,7 @@ class BackgroundPusher:
             self._fail(job, "submitted after finish(); not pushed")
             return False
         ignore: tuple[str, ...] = ()
-        if allow_patterns is None and Path(folder).parent.name == paths.CHECKPOINTS:
+        if allow_patterns is None and Path(folder).parent.name == formats.CHECKPOINTS:
             allow_patterns, ignore = CHECKPOINT_ALLOW, CHECKPOINT_IGNORE
         if not Path(folder).is_dir():
             self._fail(job, f"{folder} is not a directory")
@@ -1149,6 +1137,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import paths
-from .errors import UserError
+from gpt2fit import formats
+from gpt2fit.errors import UserError
 
 PRESETS = {  # the released GPT-2 sizes (Radford et al. 2019)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -66,7 +66,7 @@ def load_pretrained(init_from: str, margs):
     """Load a GPT-2-architecture model for finetuning, with float32 master weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    src = paths.resolve_model_path(init_from)
+    src = formats.resolve_model_path(init_from)
     local = Path(src)
     if local.exists():
         missing = [f for f in ("config.json",) if not (local / f).is_file()]
@@ -168,7 +168,7 @@ class CausalLM(nn.Module):
         self.loss_chunk_size = loss_chunk_size
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from .loss import lm_loss
+        from gpt2fit.train.loss import lm_loss
 
         hidden = self.lm.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
         return lm_loss(hidden, self.lm.lm_head.weight, targets, chunk_size=self.loss_chunk_size or None)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Iterable, Iterator
 
-from .errors import UserError
+from gpt2fit.errors import UserError
 
 EOT = "<|endoftext|>"
 

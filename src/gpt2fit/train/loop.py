@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import paths
-from .config import TrainConfig, grad_accum_for, micro_batch, parse_config, parse_count
-from .errors import UserError
+from gpt2fit.train import checkpoint as ckpt
+from gpt2fit import formats
+from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_config, parse_count
+from gpt2fit.errors import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun with --resume auto
 MODEL_SHAPE_KEYS = ("preset", "init_from", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to",
@@ -69,23 +69,23 @@ class Run:
 # ------------------------------------------------------------------------------------------
 def preflight(cfg: TrainConfig):
     """Every check that can fail on user input, before anything is written to out_dir."""
-    from .data import open_split, read_meta
-    from .tokenizer import fingerprint, load_tokenizer
+    from gpt2fit.formats import open_split, read_meta
+    from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
 
     if not cfg.data.data_dir:
         raise UserError("no data_dir given; pass --data_dir DIR (prepared with `gpt2fit prepare`).")
     if cfg.run.max_steps is None and cfg.run.max_tokens is None and cfg.run.epochs is None:
         raise UserError("no stopping point: set --max_steps, --max_tokens (e.g. 10B) or --epochs.")
     d = cfg.data
-    if d.prepare_from and not (Path(d.data_dir) / paths.META).is_file():
+    if d.prepare_from and not (Path(d.data_dir) / formats.META).is_file():
         prepare_data(cfg)
     meta = read_meta(cfg.data.data_dir)
     train_data = open_split(cfg.data.data_dir, "train", meta)
     val_data = open_split(cfg.data.data_dir, "val", meta)
-    tok_dir = Path(cfg.data.data_dir) / paths.TOKENIZER_DIR
+    tok_dir = Path(cfg.data.data_dir) / formats.TOKENIZER_DIR
     tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else meta["tokenizer"]["name_or_path"])
     if cfg.model.init_from:
-        src = paths.resolve_model_path(cfg.model.init_from)
+        src = formats.resolve_model_path(cfg.model.init_from)
         if (Path(src) / "tokenizer_config.json").is_file() or not Path(src).exists():
             try:
                 base_tok = load_tokenizer(src)
@@ -102,7 +102,7 @@ def preflight(cfg: TrainConfig):
     if cfg.run.push_to_hub:  # fail now, not after a week of training
         from huggingface_hub import constants
 
-        from .hub import check_repo_id
+        from gpt2fit.publish.push import check_repo_id
 
         check_repo_id(cfg.run.hub_model_id)
         if constants.HF_HUB_OFFLINE:
@@ -119,7 +119,7 @@ def prepare_data(cfg: TrainConfig) -> None:
     """Build data_dir from ``prepare_from`` (main process; the others wait and then read it)."""
     from accelerate import PartialState
 
-    from .data import prepare
+    from gpt2fit.prepare.core import prepare
 
     d = cfg.data
     state = PartialState()
@@ -133,11 +133,11 @@ def prepare_data(cfg: TrainConfig) -> None:
 def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
     """Refuse to clobber another run; return the checkpoint to resume from (or None)."""
     out = Path(cfg.run.out_dir)
-    has_run = any((out / p).exists() for p in (paths.CONFIG, paths.METRICS, paths.CHECKPOINTS, paths.FINAL))
+    has_run = any((out / p).exists() for p in (formats.CONFIG, formats.METRICS, formats.CHECKPOINTS, formats.FINAL))
     resume_from = ckpt.find_resume(out, cfg.run.resume)
     # killed before its first checkpoint: nothing to lose, so `--resume auto` starts it over
-    start_over = cfg.run.resume == "auto" and resume_from is None and has_run and not (out / paths.FINAL).exists()
-    if cfg.run.resume is not None and resume_from is None and has_run and (out / paths.METRICS).exists() \
+    start_over = cfg.run.resume == "auto" and resume_from is None and has_run and not (out / formats.FINAL).exists()
+    if cfg.run.resume is not None and resume_from is None and has_run and (out / formats.METRICS).exists() \
             and not start_over:
         raise UserError(f"--resume auto: {out} holds a run but no complete checkpoint to resume from; "
                         "use --overwrite to start it again, or another --out_dir.")
@@ -158,9 +158,9 @@ def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
         if start_over:
             print(f"--resume auto: {out} has no complete checkpoint yet; starting from step 0")
         if (cfg.run.overwrite or start_over) and out.exists():
-            for p in (paths.CONFIG, paths.METRICS, paths.SUMMARY, paths.EVAL_RESULTS, paths.PLOT):
+            for p in (formats.CONFIG, formats.METRICS, formats.SUMMARY, formats.EVAL_RESULTS, formats.PLOT):
                 (out / p).unlink(missing_ok=True)
-            for p in (paths.CHECKPOINTS, paths.FINAL):
+            for p in (formats.CHECKPOINTS, formats.FINAL):
                 shutil.rmtree(out / p, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -218,11 +218,11 @@ def compile_note(accelerator) -> str:
 def setup(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
-    from .data import WindowBatches
-    from .metrics import MetricsLog, device_peak_flops
-    from .model import CausalLM, build_model, n_params
-    from .optim import build_optimizer, build_scheduler
-    from .plan import flops_per_token
+    from gpt2fit.train.batches import WindowBatches
+    from gpt2fit.train.report import MetricsLog, device_peak_flops
+    from gpt2fit.train.model import CausalLM, build_model, n_params
+    from gpt2fit.train.optim import build_optimizer, build_scheduler
+    from gpt2fit.hardware import flops_per_token
 
     meta, train_data, val_data, tokenizer, vocab = preflight(cfg)
     accelerator = make_accelerator(cfg)
@@ -231,7 +231,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
         if cfg.run.max_memory:
-            from .plan import parse_size
+            from gpt2fit.units import parse_size
 
             cap = parse_size(cfg.run.max_memory)
             total = torch.cuda.get_device_properties(device).total_memory
@@ -245,7 +245,7 @@ def setup(cfg: TrainConfig) -> Run:
     world = accelerator.num_processes
     micro = micro_batch(cfg)
     if micro is None:
-        from .autobatch import auto_micro_batch
+        from gpt2fit.train.autobatch import auto_micro_batch
 
         micro = auto_micro_batch(cfg, model, accelerator)
     accum = grad_accum_for(cfg, micro, world)
@@ -279,7 +279,7 @@ def setup(cfg: TrainConfig) -> Run:
     run.state = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0, "loss_ema": None,
                  "best_val_loss": None, "elapsed_s": 0.0}
     if cfg.run.hellaswag:
-        from .evaluate import hellaswag_subset, load_hellaswag
+        from gpt2fit.evaluate.core import hellaswag_subset, load_hellaswag
 
         run.hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
                                          seed=cfg.run.seed)
@@ -288,7 +288,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.start_step = run.state["step"]
         run.log.truncate_after(run.start_step)
     if accelerator.is_main_process:
-        (run.out_dir / paths.CONFIG).write_text(cfg.to_yaml())
+        (run.out_dir / formats.CONFIG).write_text(cfg.to_yaml())
     announce(run, resume_from)
     return run
 
@@ -321,7 +321,7 @@ def announce(run: Run, resume_from) -> None:
 @torch.no_grad()
 def validate(run: Run) -> float:
     """Token-weighted mean loss over the same fixed validation windows every time."""
-    from .data import eval_windows
+    from gpt2fit.train.batches import eval_windows
 
     a, T = run.accelerator, run.cfg.model.block_size
     n = run.cfg.run.eval_batches * run.micro if run.cfg.run.eval_batches else None
@@ -451,8 +451,10 @@ def fit(run: Run) -> str:
     """Train until the stopping point; returns 'completed', 'preempted' or 'diverged'."""
     from tqdm.auto import tqdm
 
-    from .data import make_loader
-    from .metrics import fmt_tokens, mfu, peak_memory_bytes
+    from gpt2fit.train.batches import make_loader
+    from gpt2fit.units import format_count
+    from gpt2fit.hardware import mfu
+    from gpt2fit.train.report import peak_memory_bytes
 
     a, cfg = run.accelerator, run.cfg
     device = a.device
@@ -518,13 +520,13 @@ def fit(run: Run) -> str:
                 if math.isfinite(loss):
                     run.state["loss_ema"] = loss if ema is None else 0.9 * ema + 0.1 * loss
                 run.log.log(row)
-                post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": fmt_tokens(tps)}
+                post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": format_count(tps)}
                 if row["mfu"] is not None:
                     post["mfu"] = f"{100 * row['mfu']:.1f}%"
                 bar.set_postfix(post, refresh=False)
                 if not tty and a.is_main_process:
                     print(f"step {step}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                          f"{fmt_tokens(tps)} tok/s", flush=True)
+                          f"{format_count(tps)} tok/s", flush=True)
             if step % cfg.run.eval_interval == 0 or last:
                 val = validate(run)
                 run.state["best_val_loss"] = val if run.state["best_val_loss"] is None \
@@ -549,7 +551,7 @@ def fit(run: Run) -> str:
 
 def score_hellaswag_now(run: Run, step: int) -> None:
     """Zero-shot HellaSwag on the fixed subset, on every rank (the scorer splits and all-reduces)."""
-    from .evaluate import score_hellaswag
+    from gpt2fit.evaluate.core import score_hellaswag
 
     a = run.accelerator
     lm = a.unwrap_model(run.model).lm
@@ -570,7 +572,7 @@ def save_checkpoint(run: Run) -> None:
 
 def pusher(run: Run):
     if run.hub_pusher is None:
-        from .hub import BackgroundPusher
+        from gpt2fit.publish.push import BackgroundPusher
 
         r = run.cfg.run
         run.hub_pusher = BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision)
@@ -595,14 +597,14 @@ def finish(run: Run, status: str, wall_start: float) -> int:
         final = ckpt.export_final(a, run.model, run.tokenizer, run.out_dir)
         summary["final_dir"] = str(final)
     if a.is_main_process:
-        (run.out_dir / paths.SUMMARY).write_text(json.dumps(summary, indent=2))
+        (run.out_dir / formats.SUMMARY).write_text(json.dumps(summary, indent=2))
         if status == "completed":
             try:
-                from .plot import plot_runs
+                from gpt2fit.evaluate.plot import plot_runs
 
-                plot_runs([run.out_dir], run.out_dir / paths.PLOT)
+                plot_runs([run.out_dir], run.out_dir / formats.PLOT)
             except Exception as e:  # a plot must never fail a finished run
-                print(f"note: could not draw {paths.PLOT}: {e}", file=sys.stderr)
+                print(f"note: could not draw {formats.PLOT}: {e}", file=sys.stderr)
     a.end_training()
     if status == "preempted":
         a.print(f"stopped at step {run.state['step']}; checkpoint saved. Continue with the same command plus "
@@ -617,11 +619,11 @@ def finish(run: Run, status: str, wall_start: float) -> int:
     if a.is_main_process:
         v = summary["final_val_loss"]
         print(f"done: {run.state['step']} steps, {run.state['tokens']:,} tokens, val loss "
-              f"{v:.4f} (ppl {summary['final_val_ppl']:.2f}), {summary['wall_time_s']:.0f}s -> {run.out_dir / paths.FINAL}")
+              f"{v:.4f} (ppl {summary['final_val_ppl']:.2f}), {summary['wall_time_s']:.0f}s -> {run.out_dir / formats.FINAL}")
         if cfg.run.sample_prompt is not None:
-            from .sample import generate
+            from gpt2fit.evaluate.sample import generate
 
-            text = generate(str(run.out_dir / paths.FINAL), cfg.run.sample_prompt, max_new_tokens=cfg.run.sample_tokens,
+            text = generate(str(run.out_dir / formats.FINAL), cfg.run.sample_prompt, max_new_tokens=cfg.run.sample_tokens,
                             seed=cfg.run.seed)[0]
             print(f"--- sample ---\n{text}\n--------------")
         if cfg.run.push_to_hub:
@@ -629,7 +631,7 @@ def finish(run: Run, status: str, wall_start: float) -> int:
             p.submit(str(run.out_dir), commit_message=f"gpt2fit: final model after {run.state['step']} steps",
                      run_dir=True)
             failures = p.finish()
-            from .hub import repo_url
+            from gpt2fit.publish.push import repo_url
 
             print(p.report() if failures else f"pushed to {repo_url(None, cfg.run.hub_model_id, cfg.run.hub_revision)}")
     return 0
@@ -666,6 +668,6 @@ def oom_message(run: Run) -> str:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -61,9 +61,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import paths
-from .data import dtype_for_vocab, expand_inputs
-from .errors import ArgumentParser, UserError
+from gpt2fit import formats
+from gpt2fit.formats import dtype_for_vocab
+from gpt2fit.prepare.sources import expand_inputs
+from gpt2fit.errors import ArgumentParser, UserError
 
 SHARDS = ".shards"
 MANIFEST = "manifest.json"
@@ -311,7 +312,7 @@ def make_tokenizer(spec: str, vocab_size: int, streams: list[Stream] = (), *,
     train stream (the last of ``streams``), or 'char' over every character of every stream."""
     import itertools
 
-    from . import tokenizer as T
+    from gpt2fit.prepare import tokenizers as T
 
     if spec == "bpe":
         return T.train_bpe(_documents(streams[-1], train_docs, train_chars), vocab_size), "bpe"
@@ -854,7 +855,7 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
     See ``build_prepare_parser`` for every option. ``split='chars'`` (nanoGPT's cut of one long text)
     runs in one process and holds the text in memory; ``'documents'`` streams with bounded memory.
     """
-    from .tokenizer import eot_id, fingerprint
+    from gpt2fit.prepare.tokenizers import eot_id, fingerprint
 
     t0 = time.time()
     if not 0 < val_fraction < 1:
@@ -872,7 +873,7 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
     if workers < 1:
         raise UserError(f"workers={workers} must be at least 1.")
     out = Path(out_dir)
-    if (out / paths.META).exists() and not overwrite:
+    if (out / formats.META).exists() and not overwrite:
         raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it or choose "
                         "another --out_dir.")
 
@@ -896,10 +897,10 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
     key = _key(key_args)
     shard_dir = out / SHARDS
     manifest = _read_manifest(shard_dir) if resume else None
-    if manifest and manifest.get("key") == key and (shard_dir / paths.TOKENIZER_DIR).is_dir():
-        from .tokenizer import load_tokenizer
+    if manifest and manifest.get("key") == key and (shard_dir / formats.TOKENIZER_DIR).is_dir():
+        from gpt2fit.prepare.tokenizers import load_tokenizer
 
-        tok, kind = load_tokenizer(str(shard_dir / paths.TOKENIZER_DIR)), manifest["kind"]
+        tok, kind = load_tokenizer(str(shard_dir / formats.TOKENIZER_DIR)), manifest["kind"]
         resuming = True
     else:
         tok, kind = make_tokenizer(tokenizer, vocab_size, streams, train_docs=tokenizer_train_docs,
@@ -912,10 +913,10 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
         if shard_dir.exists():
             shutil.rmtree(shard_dir)
         shard_dir.mkdir(parents=True)
-        tok.save_pretrained(shard_dir / paths.TOKENIZER_DIR)
+        tok.save_pretrained(shard_dir / formats.TOKENIZER_DIR)
         _write_json(shard_dir / MANIFEST, {"key": key, "kind": kind, "args": key_args})
     if overwrite:  # from here on the old data is being replaced: never leave it looking valid
-        (out / paths.META).unlink(missing_ok=True)
+        (out / formats.META).unlink(missing_ok=True)
 
     # the encoder is chosen on the first documents, identically on every (re)run
     sample = list(_documents(streams[0], max_docs=256, max_chars=VERIFY_CHARS))
@@ -971,10 +972,10 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
 
     for s in ("train", "val"):
         _concat(shard_dir, used, s, out / f"{s}.bin", dtype)
-    tok_dir = out / paths.TOKENIZER_DIR
+    tok_dir = out / formats.TOKENIZER_DIR
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
-    shutil.copytree(shard_dir / paths.TOKENIZER_DIR, tok_dir)
+    shutil.copytree(shard_dir / formats.TOKENIZER_DIR, tok_dir)
     seconds = time.time() - t0
     source.pop("_files", None)
     meta = {
@@ -994,7 +995,7 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
                     "chunks": len(used), "chunks_tokenized": run.tokenized, "chunks_resumed": run.resumed},
         "seconds": round(seconds, 2),
     }
-    _write_json(out / paths.META, meta)
+    _write_json(out / formats.META, meta)
     shutil.rmtree(shard_dir, ignore_errors=True)
     if not quiet:
         print(summary(out, meta))
@@ -1074,7 +1075,7 @@ def _cpu_count() -> int:
 # ------------------------------------------------------------------------------------------
 def _count(s: str) -> int:
     """A positive count: 1000, 1e9, 300k, 2.5M, 10B (plan.parse_count, as train's --max_tokens)."""
-    from .plan import parse_count
+    from gpt2fit.units import parse_count
 
     try:
         v = parse_count(s)
@@ -1171,6 +1172,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))
