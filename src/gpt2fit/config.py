@@ -12,28 +12,34 @@ import argparse
 import dataclasses
 import math
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpt2fit import options
 from gpt2fit.errors import ArgumentParser, UserError, suggest
+from gpt2fit.options import fields_of, opt
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+PRESETS = {  # the released GPT-2 sizes (Radford et al. 2019); vocab 50257, 1024 positions
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 
 
-def f(default, help, **kw):  # noqa: A002 - short helper for field(metadata=help)
-    return field(default=default, metadata={"help": help, **kw})
+f = opt  # short: every field below is f(default, help, **checks)
 
 
 @dataclass
 class ModelArgs:
     preset: str | None = f(None, "GPT-2 size to build from scratch: gpt2 (124M), gpt2-medium (350M), "
                                  "gpt2-large (774M), gpt2-xl (1.5B). Ignored with init_from.",
-                           choices=PRESETS)
+                           choices=tuple(PRESETS))
     init_from: str | None = f(None, "Finetune instead: a Hub id (gpt2-medium) or a local model dir "
                                     "(or a gpt2fit run dir) to load weights from.")
     n_layer: int | None = f(None, "Transformer blocks, for a custom small model (overrides the preset).")
@@ -180,67 +186,13 @@ class TrainConfig:
         return yaml.safe_dump(self.to_flat(), sort_keys=False)
 
 
-def all_fields() -> dict[str, tuple[type, dataclasses.Field]]:
-    out = {}
-    for sec in SECTIONS:
-        hints = typing.get_type_hints(sec)
-        for fl in dataclasses.fields(sec):
-            out[fl.name] = (sec, fl, hints[fl.name])
-    return out
-
-
-FIELDS = all_fields()
-NON_FLAG_KEYS = {"description"}  # allowed in recipe files, not config
-
-
-# -- value coercion ---------------------------------------------------------------------------
-def _base_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+FIELDS = fields_of(SECTIONS)
+NON_FLAG_KEYS = {"description", "recipe"}  # allowed in recipe files (a run's config.yaml has recipe:)
 
 
 def coerce(key: str, value: Any, source: str) -> Any:
-    """Convert ``value`` (from YAML or the command line) to the field's type, or raise UserError."""
-    _, fl, hint = FIELDS[key]
-    optional = type(None) in typing.get_args(hint)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
-        if not optional:
-            raise UserError(f"{key} in {source} cannot be empty; give a value (default: {fl.default!r}).")
-        return None
-    typ = _base_type(hint)
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                out = value
-            elif str(value).lower() in ("1", "true", "yes", "on"):
-                out = True
-            elif str(value).lower() in ("0", "false", "no", "off"):
-                out = False
-            else:
-                raise ValueError
-        elif typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            fv = float(value)
-            if fv != int(fv):
-                raise ValueError
-            out = int(fv)
-        elif typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)  # PyYAML reads 6e-4 as a string; float() accepts it
-        else:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            out = str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value!r} in {source} is not a valid {typ.__name__}; "
-                        f"e.g. {key}: {fl.default!r}.") from None
-    choices = fl.metadata.get("choices")
-    if choices and out not in choices:
-        raise UserError(f"{key}={out!r} in {source} is not one of {', '.join(choices)}."
-                        f"{suggest(str(out), choices)}")
-    return out
+    """Convert a training option's ``value`` (YAML or command line) to its type, or raise UserError."""
+    return options.coerce(key, value, source, FIELDS)
 
 
 # -- recipes ----------------------------------------------------------------------------------
@@ -283,53 +235,35 @@ def recipe_description(path: Path) -> str:
 
 
 # -- command line -----------------------------------------------------------------------------
+DESCRIPTION = "Train GPT-2 from scratch or finetune it. Settings come from a recipe, then flags."
+EPILOG = ("Example: accelerate launch --config_file accelerate_configs/single_gpu.yaml "
+          "scripts/train.py gpt2-124m-openwebtext-12gb --data_dir data/owt --max_tokens 10B")
+
+
 def build_parser(prog: str = "gpt2fit train") -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog=prog, allow_abbrev=False,
-        description="Train GPT-2 from scratch or finetune it. Settings come from a recipe, then flags.",
-        epilog="Example: accelerate launch --config_file accelerate_configs/single_gpu.yaml "
-               "scripts/train.py gpt2-124m-openwebtext-12gb --data_dir data/owt --max_tokens 10B",
-    )
+    p = ArgumentParser(prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("recipe", nargs="?", default=None,
-                   help="Built-in recipe name (see `gpt2fit recipes`) or a path to a recipe .yaml.")
+                   help="Built-in recipe name (see `gpt2fit recipes`), a recipe .yaml, or a run's config.yaml.")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="The recipe as a flag: a built-in name or a .yaml path (instead of the positional).")
     p.add_argument("--print_config", action="store_true",
                    help="Print the resolved config as YAML and exit without training.")
-    for sec in SECTIONS:
-        g = p.add_argument_group(sec.__name__.replace("Args", "").lower())
-        for fl in dataclasses.fields(sec):
-            meta = fl.metadata
-            kw = dict(help=meta["help"], default=argparse.SUPPRESS, metavar=fl.name.upper())
-            if _base_type(FIELDS[fl.name][2]) is bool:
-                kw.update(nargs="?", const="true", metavar="BOOL")
-            if meta.get("choices"):
-                kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
-            # defaults shown by ArgumentDefaultsHelpFormatter need the real default in help
-            # argparse %-formats help strings: a literal % (as in "~75% less") must be doubled
-            kw["help"] = f"{meta['help']} (default: {fl.default})".replace("%", "%%")
-            g.add_argument(f"--{fl.name}", **kw)
+    options.add_options(p, SECTIONS)
     return p
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "gpt2fit train") -> tuple[TrainConfig, bool]:
     """argv -> (resolved TrainConfig, print_only). Raises UserError on any bad input."""
-    parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns, unknown = parser.parse_known_args(argv)
-    for tok in unknown:
-        if tok.startswith("--"):
-            key = tok[2:].split("=", 1)[0]
-            raise UserError(f"unknown flag --{key}.{suggest(key, FIELDS)} See `{prog} --help`.")
-        raise UserError(f"unexpected argument {tok!r}; only one recipe may be given before the flags.")
-    values: dict[str, Any] = {}
-    recipe = ns.recipe
-    if recipe is not None:
-        values.update(load_recipe(recipe))
-    for key in FIELDS:
-        if hasattr(ns, key):
-            values[key] = coerce(key, getattr(ns, key), "the command line")
-    cfg = TrainConfig(recipe=recipe)
-    for key, value in values.items():
-        setattr(getattr(cfg, _section_attr(FIELDS[key][0])), key, value)
+    parser = build_parser(prog)
+    ns, _ = parser.parse_known_args(argv)
+    if ns.recipe is not None and ns.config is not None and ns.recipe != ns.config:
+        raise UserError(f"two recipes given ({ns.recipe!r} and --config {ns.config!r}); give one.")
+    recipe = ns.config or ns.recipe
+    base = load_recipe(recipe) if recipe is not None else {}
+    # the same parser again: recipe, --config and --print_config are its own arguments, not unknown ones
+    sections, _ = options.parse(argv, SECTIONS, prog=prog, description=DESCRIPTION, base=base, parser=parser)
+    cfg = TrainConfig(*sections, recipe=recipe)
     validate(cfg)
     return cfg, ns.print_config
 

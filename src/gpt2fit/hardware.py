@@ -111,3 +111,11 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | No
     if not peak:
         return None
     return tokens_per_s_per_device * flops_per_token / peak
+
+
+def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool, env: str | None = None) -> str:
+    """mixed_precision 'auto' -> bf16 on a GPU that has it, else no; an explicit value stays.
+    ``env`` is ACCELERATE_MIXED_PRECISION (what `accelerate config` / launch set), which auto follows."""
+    if requested != "auto":
+        return requested
+    return env or ("bf16" if cuda and bf16_supported else "no")

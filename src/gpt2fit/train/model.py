@@ -14,15 +14,8 @@ import torch
 from torch import nn
 
 from gpt2fit import formats
+from gpt2fit.config import PRESETS
 from gpt2fit.errors import UserError
-
-PRESETS = {  # the released GPT-2 sizes (Radford et al. 2019)
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
-
 
 # GPT-2's tanh-approximated GELU as one op: the same function as HF's "gelu_new", which is built
 # from several elementwise ops that each save an activation (84C vs 36C bytes/token/layer in bf16,
