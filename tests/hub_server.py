@@ -23,7 +23,7 @@ Endpoints (what `create_repo`, `create_branch`, `upload_folder`, `upload_file`, 
 Failure injection: ``fail_all=401`` answers every request with 401; ``valid_tokens={...}``
 answers 401 to other tokens (with the Hub's "Invalid credentials" message);
 ``fail_first={"create_repo": 2}`` answers 503 (or ``(n, status)``) to the first n requests
-of an endpoint. Every request is recorded in ``hub.requests`` (method, path, endpoint,
+of an endpoint; ``delay={"commit": 1.0}`` answers an endpoint that many seconds late. Every request is recorded in ``hub.requests`` (method, path, endpoint,
 headers with the Authorization value masked, status).
 """
 
@@ -49,12 +49,14 @@ def git_sha1(data: bytes) -> str:
 
 class FakeHub:
     def __init__(
-        self, *, valid_tokens=None, fail_all: int | None = None, fail_first: dict | None = None, user: str = "user"
+        self, *, valid_tokens=None, fail_all: int | None = None, fail_first: dict | None = None, user: str = "user",
+        delay: dict | None = None,
     ):
         self.valid_tokens = set(valid_tokens) if valid_tokens is not None else None
         self.fail_all = fail_all
         self.fail_first = {k: (v if isinstance(v, tuple) else (v, 503)) for k, v in (fail_first or {}).items()}
         self.user = user
+        self.delay = dict(delay or {})
         self.requests: list[dict] = []
         # repo_id -> {"private": bool, "branches": {name: {"files": {path: bytes}, "sha": str}}}
         self.repos: dict[str, dict] = {}
@@ -201,6 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
                 n, status = hub.fail_first[endpoint]
                 hub.fail_first[endpoint] = (n - 1, status)
                 injected = status
+        time.sleep(hub.delay.get(endpoint, 0))
         try:
             if injected == 401:
                 self._error(401, "Invalid credentials in Authorization header")

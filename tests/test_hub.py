@@ -1,4 +1,4 @@
-"""gpt2fit.hub against a fake Hub (tests/hub_server.py): a real HTTP server on 127.0.0.1.
+"""gpt2fit.publish against a fake Hub (tests/hub_server.py): a real HTTP server on 127.0.0.1.
 
 The run dir is a real tiny GPT-2 (2 layers, 32 wide) with a byte-level BPE tokenizer trained
 here, so nothing is downloaded and nothing is skipped.
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2fit.publish import push as hub
 from gpt2fit.errors import UserError
+from gpt2fit.publish import push as hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import FakeHub  # noqa: E402
@@ -59,13 +59,13 @@ def _save_tiny_model(final: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A finished run dir following the contract in gpt2fit/paths.py."""
+    """A finished run dir following the contract in gpt2fit/formats.py."""
     run = tmp_path_factory.mktemp("runs") / "quick"
     _save_tiny_model(run / "final")
     config = {
         "init_from": "gpt2", "preset": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64,
-        "data_dir": "/home/someone/data/tinystories", "dataset": "roneneldan/TinyStories",
-        "learning_rate": 6.0e-4, "min_lr": 6.0e-5, "warmup_steps": 10, "max_steps": 20, "max_tokens": None,
+        "data_dir": "/home/someone/data/tinystories", "learning_rate": 6.0e-4, "min_lr": 6.0e-5, "warmup_steps": 10,
+        "max_steps": 20, "max_tokens": None,
         "micro_batch_size": 4, "grad_accum_steps": 2, "weight_decay": 0.1, "optimizer": "adamw",
         "mixed_precision": "no", "seed": 1337, "tokenizer": "/home/someone/data/tinystories/tokenizer",
         "out_dir": "/home/someone/runs/quick", "hub_model_id": "user/tiny-gpt2", "push_to_hub": True,
@@ -73,6 +73,7 @@ def run_dir(tmp_path_factory) -> Path:
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     summary = {"status": "completed", "step": 20, "tokens": 10240, "final_val_loss": 5.1234, "final_val_ppl": 167.9,
                "init_from": "gpt2", "data_dir": "/home/someone/data/tinystories", "n_params": 23456,
+               "dataset": "roneneldan/TinyStories",
                "device": "cpu", "wall_time_s": 12.5}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     evals = {"perplexity": {"split": "val", "loss": 5.0, "ppl": 148.41, "tokens": 4096},
@@ -194,7 +195,7 @@ def test_model_card_metadata_and_model_index(run_dir):
     assert "| data_dir | tinystories |" in text and "| tokenizer | tokenizer |" in text
     assert "/home/someone" not in str(card) and "out_dir" not in text and "hub_model_id" not in text
     assert "None" not in str(card) and "nan" not in str(card).lower()
-    assert "cpu" in text and "12.5s" in text
+    assert "cpu" in text and "12 s" in text  # units.format_duration
 
 
 def test_model_card_handles_a_bare_run(tmp_path, run_dir):
@@ -233,11 +234,11 @@ def test_5xx_is_retried_with_backoff_then_succeeds(run_dir):
     with FakeHub(fail_first={"create_repo": 2, "commit": 1}) as fake:
         info = hub.push_folder(run_dir / "final", REPO, endpoint=fake.url, retries=3, backoff=0.01,
                                sleep=sleeps.append)  # fmt: skip
-        assert fake.count("create_repo") == 3 and fake.count("create_repo", 503) == 2
-        # the commit's own 503 is retried inside huggingface_hub (http_backoff, ~1 s)
+        # the whole create-repo + commit sequence is retried: a failed commit retries create_repo too
+        assert fake.count("create_repo") == 4 and fake.count("create_repo", 503) == 2
         assert fake.count("commit", 503) == 1 and fake.count("commit", 200) == 1
         assert "model.safetensors" in fake.files(REPO)
-    assert sleeps == [0.01, 0.02]
+    assert sleeps == [0.01, 0.02, 0.04]
     assert info.commit_url.startswith(fake.url)
 
 
@@ -250,6 +251,22 @@ def test_persistent_5xx_gives_up_with_a_clear_error(run_dir):
     first = str(err.value).splitlines()[0]
     assert first.startswith(f"push to '{REPO}' failed after 3 attempts: 503 Service Unavailable")
     assert sleeps == [0.01, 0.02]
+
+
+def test_network_errors_are_retried_then_explained(run_dir):
+    """huggingface_hub 1.x lets httpx's transport errors through, 2.x httpx2's: both are retried."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps: list[float] = []
+    with pytest.raises(UserError) as err:
+        hub.push_folder(run_dir / "final", REPO, endpoint=f"http://127.0.0.1:{port}", retries=2, backoff=0.01,
+                        sleep=sleeps.append)  # fmt: skip
+    assert sleeps == [0.01, 0.02]
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"push to '{REPO}' failed after 3 attempts: cannot reach http://127.0.0.1:{port}")
 
 
 def test_401_fails_at_once_with_the_fix(run_dir):
@@ -305,8 +322,7 @@ def test_push_to_a_branch(run_dir):
 
 
 def test_push_folder_without_hf_xet(run_dir, monkeypatch):
-    """With hf_xet installed upload_folder streams through huggingface_hub's _upload_pipeline
-    (the other tests); without it (or with HF_HUB_DISABLE_XET) it falls back to create_commit."""
+    """create_commit with HF_HUB_DISABLE_XET (as without hf_xet installed), under a path_in_repo."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
@@ -367,6 +383,18 @@ def test_background_pusher_records_failures_and_never_raises(run_dir, tmp_path):
     assert SECRET not in report
 
 
+def test_background_pusher_finish_timeout_reports_what_did_not_finish(run_dir, tmp_path):
+    with FakeHub(delay={"commit": 1.0}) as fake:
+        pusher = hub.BackgroundPusher(REPO, endpoint=fake.url, backoff=0.01, tmp_dir=tmp_path)
+        assert pusher.submit(run_dir / "final", path_in_repo="a") and pusher.submit(run_dir / "final", path_in_repo="b")
+        failures = pusher.finish(timeout=0.1)  # "a" is in flight, "b" has not started: dropped
+        assert [f.path_in_repo for f in failures] == ["a", "b"] and pusher.pushed == []
+        assert all("finish() stopped waiting after 0.1s" in f.error for f in failures)
+        assert len(list(tmp_path.glob("gpt2fit-push-*"))) <= 1, "the dropped upload's snapshot is removed"
+        assert pusher.submit(run_dir / "final") is False
+    assert f"gpt2fit push {run_dir} --repo_id {REPO}" in pusher.report()
+
+
 def test_redact():
     assert hub.redact(f"Authorization: Bearer {SECRET} ok") == "Authorization: Bearer hf_*** ok"
     assert hub.redact("hf_short stays") == "hf_short stays"
@@ -419,7 +447,5 @@ def test_cli_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     flags = ("--repo_id", "--private", "--revision", "--include_checkpoints", "--license", "--endpoint", "--dry_run")
     assert all(flag in out for flag in flags)
-    actions = [a for a in hub.build_parser()._actions if a.dest != "help"]
-    assert all(a.help for a in actions)
-    with pytest.raises(UserError, match="required: run_dir"):  # usage errors are UserErrors too
+    with pytest.raises(UserError, match="(?i)required: run_dir"):  # usage errors are UserErrors too
         hub.main([])

@@ -1,0 +1,260 @@
+"""The model card of a run dir: ``gather`` reads its facts through ``gpt2fit.formats``, and
+``build_model_card`` renders them with ``ModelCard.from_template`` from ``card_template.md`` (the
+metadata, model-index eval results included, through ``ModelCardData``). Unknown values are left
+out (never printed as None or nan), local paths are cut to their last component, tokens masked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from gpt2fit import formats
+from gpt2fit.errors import UserError
+from gpt2fit.units import format_count, format_duration
+
+DEFAULT_LICENSE = "mit"
+TEMPLATE = Path(__file__).with_name("card_template.md")
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
+_SECRET_KEY_RE = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|credentials?)$", re.IGNORECASE)
+_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".md", ".gz", ".zst", ".bin")
+
+# Run settings of config.yaml that say nothing about the model: left out of the card.
+_NOT_HPARAMS = {
+    "out_dir", "resume", "overwrite", "report_to", "push_to_hub", "sample_prompt", "sample_tokens", "log_interval",
+    "num_workers", "eval_before_training", "checkpoint_interval", "keep_checkpoints", "max_memory", "recipe",
+}  # fmt: skip
+# Hyperparameters shown first, in this order; other scalar keys of config.yaml follow, sorted.
+_HPARAM_ORDER = (
+    "init_from", "preset", "n_layer", "n_head", "n_embd", "block_size", "data_dir", "learning_rate", "min_lr",
+    "warmup_steps", "max_steps", "max_tokens", "micro_batch_size", "grad_accum_steps", "weight_decay", "optimizer",
+    "mixed_precision", "seed",
+)  # fmt: skip
+# Old-style GPT-2 names accepted by from_pretrained -> their canonical Hub ids (for base_model).
+_CANONICAL_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+_CANONICAL_IDS["distilgpt2"] = "distilbert/distilgpt2"
+
+
+def redact(text: Any) -> str:
+    """``text`` with anything that looks like a Hugging Face token (``hf_...``) masked."""
+    return _TOKEN_RE.sub("hf_***", str(text))
+
+
+def _load(path: Path, parse) -> dict:
+    """A JSON/YAML mapping file, {} when absent; a broken one is a UserError (the card would lie)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path} is not valid ({str(e).splitlines()[0]}): fix or delete it, then push again") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _finite(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _present(value: Any) -> bool:
+    return value not in (None, "", [], {})
+
+
+def _looks_like_hub_id(value: Any) -> bool:
+    """True for 'namespace/name' strings that are not local paths (nor globs or data files)."""
+    if not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "/", "~")):
+        return False
+    if any(ch in value for ch in "*?[") or value.lower().endswith(_DATA_SUFFIXES) or Path(value).exists():
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _local_name(value: Any) -> str:
+    """Only the last component of a local path: run dirs must not leak /home/<user>/..."""
+    return Path(str(value)).name or str(value)
+
+
+def _public(value: Any, key: str) -> Any:
+    """``value`` with local paths reduced to their last component (lists elementwise)."""
+    if isinstance(value, (list, tuple)):
+        return [_public(v, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    pathlike = value.startswith(("/", "~", "./", "../")) or key.endswith(("_dir", "_path", "_file"))
+    if pathlike or (os.sep in value and not _looks_like_hub_id(value) and Path(value).exists()):
+        return _local_name(value)
+    return value
+
+
+def _fmt(value: Any) -> str:
+    """A table cell: ints with separators, floats with 4 significant digits, text escaped."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Facts:
+    """What the card says about a run; None (or empty) where the run's files do not say."""
+
+    config: dict  # config.yaml: the architecture and the hyperparameter table
+    summary: dict  # summary.json: what training did
+    base_model: str | None  # a Hub id, for the metadata
+    dataset_ids: list[str]  # Hub ids, for the `datasets:` metadata
+    dataset_type: str | None  # model-index dataset type: the Hub id when it is the only dataset
+    dataset: str | None  # Hub ids, corpus names and local names (never a full path)
+    val: dict  # validation loss / ppl / tokens / split: `gpt2fit eval`'s, else training's last
+    hellaswag: dict
+
+
+def gather(run: Path) -> Facts:
+    summary = formats.read_summary(run)
+    evals = _load(run / formats.EVAL_RESULTS, json.loads)
+    init_from = summary.get("init_from")
+    base = _CANONICAL_IDS.get(str(init_from)) or (init_from if _looks_like_hub_id(init_from) else None)
+    # summary's dataset: a Hub id, or the `gpt2fit prepare` inputs (paths, globs, corpus names)
+    items = summary.get("dataset") or []
+    items = [str(d) for d in ([items] if isinstance(items, str) else items) if _present(d)]
+    ids = [d for d in items if _looks_like_hub_id(d)]
+    labels = [d if d in ids else _local_name(d) for d in items]
+    if not labels and _present(summary.get("data_dir")):
+        labels = [_local_name(summary["data_dir"])]
+    more = f" and {len(labels) - 3} more" if len(labels) > 3 else ""
+    ppl = evals.get("perplexity") if isinstance(evals.get("perplexity"), dict) else None
+    if ppl:  # an explicit `gpt2fit eval` wins over the numbers training ended with
+        split = str(ppl.get("split") or "val")
+        split = "validation" if split in ("val", "valid") else split
+        val = {"loss": ppl.get("loss"), "ppl": ppl.get("ppl"), "tokens": ppl.get("tokens"), "split": split}
+    else:
+        val = {"loss": summary.get("final_val_loss"), "ppl": summary.get("final_val_ppl"), "split": "validation"}
+    return Facts(
+        config=_load(run / formats.CONFIG, yaml.safe_load), summary=summary, base_model=base, dataset_ids=ids,
+        dataset_type=ids[0] if len(items) == 1 and ids else None, dataset=", ".join(labels[:3]) + more or None,
+        val=val, hellaswag=evals.get("hellaswag") if isinstance(evals.get("hellaswag"), dict) else {},
+    )  # fmt: skip
+
+
+def _eval_results(f: Facts) -> list[EvalResult]:
+    """model-index entries: validation loss/perplexity on the run's data, HellaSwag acc/acc_norm."""
+    task = {"task_type": "text-generation", "task_name": "Text Generation"}
+    own = {**task, "dataset_type": f.dataset_type or f.dataset or "custom",
+           "dataset_name": f.dataset or "custom text", "dataset_split": f.val["split"]}  # fmt: skip
+    hs = {**task, "dataset_type": "Rowan/hellaswag", "dataset_name": "HellaSwag", "dataset_split": "validation"}
+    rows = [(own, "loss", "validation loss", f.val["loss"], 4), (own, "perplexity", "validation perplexity",
+            f.val["ppl"], 3), (hs, "acc", "accuracy", f.hellaswag.get("acc"), 4),
+            (hs, "acc_norm", "normalized accuracy", f.hellaswag.get("acc_norm"), 4)]  # fmt: skip
+    return [EvalResult(**where, metric_type=kind, metric_name=name, metric_value=round(_finite(v), digits))
+            for where, kind, name, v, digits in rows if _finite(v) is not None]  # fmt: skip
+
+
+def _summary_line(f: Facts) -> str:
+    c, n_params = f.config, _finite(f.summary.get("n_params"))
+    shape = (("n_layer", "layers"), ("n_head", "heads"), ("n_embd", "hidden size"), ("block_size", "context"))
+    arch = [f"context {c[k]}" if k == "block_size" else f"{c[k]} {label}" for k, label in shape if _present(c.get(k))]
+    arch += [f"{format_count(n_params)} parameters"] if n_params else []
+    init_from = f.summary.get("init_from")
+    if f.base_model:
+        origin = f"fine-tuned from [`{f.base_model}`](https://huggingface.co/{f.base_model})"
+    else:  # never a full path
+        origin = f"fine-tuned from a local model (`{_fmt(_local_name(init_from))}`)" if init_from else "trained from scratch"
+    if f.dataset_type:
+        origin += f" on [`{f.dataset_type}`](https://huggingface.co/datasets/{f.dataset_type})"
+    elif f.dataset:
+        origin += f" on `{_fmt(f.dataset)}`"
+    return "A GPT-2 language model" + (f" ({', '.join(arch)})" if arch else "") + f", {origin} with gpt2fit."
+
+
+def _training_facts(f: Facts) -> list[tuple[str, str]]:
+    s, precision = f.summary, f.config.get("mixed_precision")
+    tokens, n_params, wall = _finite(s.get("tokens")), _finite(s.get("n_params")), _finite(s.get("wall_time_s"))
+    procs = s.get("num_processes")
+    facts = [
+        ("Base model", f"`{f.base_model}`" if f.base_model else
+         "local model" if s.get("init_from") else "none (trained from scratch)"),
+        ("Data", f.dataset and f"`{_fmt(f.dataset)}`"),
+        ("Tokens seen", tokens and f"{_fmt(s['tokens'])} ({format_count(tokens)})"),
+        ("Optimizer steps", _present(s.get("step")) and _fmt(s["step"])),
+        ("Tokens per step", _present(s.get("tokens_per_step")) and _fmt(s["tokens_per_step"])),
+        ("Parameters", n_params and f"{_fmt(s['n_params'])} ({format_count(n_params)})"),
+        ("Hardware", _present(s.get("device")) and _fmt(s["device"])
+         + (f" × {procs} processes" if isinstance(procs, int) and procs > 1 else "")),
+        ("Precision", _present(precision) and ("fp32" if precision in ("no", False) else
+                                              f"{_fmt(precision)} mixed precision")),
+        ("Training time", wall is not None and wall >= 0 and format_duration(wall)),
+        ("Status", _present(s.get("status")) and _fmt(s["status"])),
+    ]  # fmt: skip
+    return [(k, v) for k, v in facts if v]
+
+
+def _hparam_rows(config: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key in [k for k in _HPARAM_ORDER if k in config] + sorted(set(config) - set(_HPARAM_ORDER), key=str):
+        key, value = str(key), config[key]
+        if (not _present(value) or _SECRET_KEY_RE.search(key) or key in _NOT_HPARAMS or key.startswith("hub_")
+                or isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))):
+            continue  # fmt: skip
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        if key == "seed" or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10_000):
+            value = str(value)  # no thousands separator on seeds and small counts
+        rows.append((key, _fmt(_public(value, key))))
+    return rows
+
+
+def _evaluation_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
+    split, hs = f.val["split"], f.hellaswag
+    loss, ppl, tokens = _finite(f.val["loss"]), _finite(f.val["ppl"]), _finite(f.val.get("tokens"))
+    rows = [(f"{split} loss", loss is not None and f"{loss:.4f}"), (f"{split} perplexity", ppl and f"{ppl:.3f}"),
+            (f"{split} tokens evaluated", tokens and _fmt(f.val["tokens"]))]  # fmt: skip
+    scores = [(label, f"{_finite(hs.get(k)):.4f}") for k, label in
+              (("acc", "HellaSwag accuracy"), ("acc_norm", "HellaSwag accuracy (normalized)"))
+              if _finite(hs.get(k)) is not None]  # fmt: skip
+    notes = [f"{_fmt(hs['n'])} examples" if k == "n" else f"normalization: {_fmt(hs[k])}"
+             for k in ("n", "normalization") if _present(hs.get(k))]
+    return [(k, v) for k, v in rows if v] + scores, f"HellaSwag: {', '.join(notes)}." if scores and notes else ""
+
+
+def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = DEFAULT_LICENSE,
+                     revision: str | None = None, checkpoints: list[str] | tuple[str, ...] = ()) -> ModelCard:  # fmt: skip
+    """The model card of a run dir; nothing is written. ``repo_id`` goes into the usage snippet and
+    names the model-index; ``checkpoints`` lists pushed ``checkpoints/step_N`` folders."""
+    run = Path(run_dir)
+    f = gather(run)
+    name = (repo_id.split("/")[-1] if repo_id else None) or run.resolve().name or "gpt2fit-model"
+    results = _eval_results(f)
+    data = ModelCardData(
+        base_model=f.base_model, datasets=f.dataset_ids or None, license=license or None,
+        library_name="transformers", pipeline_tag="text-generation", tags=["gpt2", "gpt2fit", "text-generation"],
+        model_name=name, eval_results=results or None,
+    )  # fmt: skip
+    status, step = f.summary.get("status"), f.summary.get("step")
+    evaluation, hellaswag_note = _evaluation_rows(f)
+    card = ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name=name, summary=_summary_line(f), facts=_training_facts(f),
+        unfinished=_fmt(status) if _present(status) and status != "completed" else None,
+        step=_fmt(step) if _present(step) else None, ref=repo_id or "path/to/this/model",
+        revision=revision if revision != "main" else None, hparams=_hparam_rows(f.config), evaluation=evaluation,
+        hellaswag_note=hellaswag_note, plot=formats.PLOT if (run / formats.PLOT).is_file() else None,
+        checkpoints=list(checkpoints),
+    )  # fmt: skip
+    return ModelCard(redact(str(card)))
