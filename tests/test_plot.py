@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2fit import cli as cli
+from gpt2fit import cli
 from gpt2fit.evaluate import plot as gp
 from gpt2fit.errors import UserError
 
@@ -102,6 +102,8 @@ def test_smooth_values_default_is_light():
     s = gp.smooth_values(y)  # 500 points: 2% = 10, i.e. 5 on each side, centered
     assert len(s) == 500 and s != y
     assert s[250] == pytest.approx(sum(y[245:256]) / 11)
+    assert gp.smooth_values([1.0, 2.0, 6.0], 11) == [3.0, 3.0, 3.0]  # a window wider than the run
+    assert gp.smooth_values([], 5) == []
 
 
 def test_plot_several_runs_with_hellaswag_refs_and_steps(tmp_path):
@@ -153,6 +155,19 @@ def test_cli_plot_bad_run_dir_exits_2(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "nope") in err.splitlines()[0]
+
+
+def test_cli_plot_refs_in_one_flag_and_bad_values(tmp_path, capsys):
+    fake_run(tmp_path / "r")
+    assert cli.main(["plot", str(tmp_path / "r"), "--ref", "3.28", "2.92=goal", "--out", str(tmp_path / "o.png")]) == 0
+    series = json.loads((tmp_path / "o.json").read_text())
+    assert series["reference_lines"] == [{"value": 3.28, "label": "3.28"}, {"value": 2.92, "label": "goal"}]
+    capsys.readouterr()
+    for bad, needle in ((["--ref", "abc"], "--ref"), (["--ref", "nan=x"], "--ref"), (["--smooth", "0"], "smooth"),
+                        (["--x", "time"], "time")):
+        assert cli.main(["plot", str(tmp_path / "r"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err.splitlines()[0], err
 
 
 def test_script_entry_point(tmp_path):

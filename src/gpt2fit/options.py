@@ -147,7 +147,7 @@ def add_options(parser: argparse.ArgumentParser, sections: Iterable[type], *, gr
             if typ is bool and not is_list:
                 kw.update(nargs="?", const="true", metavar="BOOL")
             elif is_list:
-                kw["nargs"] = "+"
+                kw.update(nargs="+", action="extend")  # --ref a b and --ref a --ref b
             if meta.get("choices"):
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
             g.add_argument(f"--{fl.name}", *meta.get("aliases", ()), dest=fl.name, **kw)
@@ -170,13 +170,7 @@ def parse(argv: Sequence[str] | None, sections: Sequence[type], *, prog: str, de
     fields = fields_of(sections)
     parser = parser or make_parser(prog, sections, description=description, epilog=epilog)
     ns, unknown = parser.parse_known_args(list(argv or []))
-    for tok in unknown:
-        if tok.startswith("-"):
-            flag = tok.split("=", 1)[0]
-            if renamed and flag in renamed:
-                raise UserError(f"{flag} is now {renamed[flag]}. See `{prog} --help`.")
-            raise UserError(f"unknown flag {flag}.{suggest(flag.lstrip('-'), fields)} See `{prog} --help`.")
-        raise UserError(f"unexpected argument {tok!r}. See `{prog} --help`.")
+    refuse_unknown(unknown, fields, prog, renamed)
     values = dict(base or {})
     explicit = set()
     for key in fields:
@@ -184,6 +178,17 @@ def parse(argv: Sequence[str] | None, sections: Sequence[type], *, prog: str, de
             values[key] = coerce(key, getattr(ns, key), "the command line", fields)
             explicit.add(key)
     return build(sections, values, fields), explicit
+
+
+def refuse_unknown(unknown: list[str], fields: dict, prog: str, renamed: dict[str, str] | None = None) -> None:
+    """An unknown flag (the first one) as a UserError with the closest known name."""
+    for tok in sorted(unknown, key=lambda t: not t.startswith("-")):  # flags before stray values
+        if tok.startswith("-"):
+            flag = tok.split("=", 1)[0]
+            if renamed and flag in renamed:
+                raise UserError(f"{flag} is now {renamed[flag]}. See `{prog} --help`.")
+            raise UserError(f"unknown flag {flag}.{suggest(flag.lstrip('-'), fields)} See `{prog} --help`.")
+        raise UserError(f"unexpected argument {tok!r}. See `{prog} --help`.")
 
 
 def build(sections: Sequence[type], values: dict[str, Any], fields: dict | None = None) -> list[Any]:

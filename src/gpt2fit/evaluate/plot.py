@@ -4,26 +4,34 @@
     gpt2fit plot out/a out/b --labels base,8bit --ref 3.28   # -> ./loss_comparison.png
 
 One panel: train loss (lightly smoothed by a centered moving average, the raw values faint)
-and val loss per run, against tokens seen (or steps), with optional horizontal reference lines; the y range skips the first
-10% of each curve (the drop from ~log(vocab)) so the part that matters is readable. A second panel shows
-HellaSwag acc_norm when any run logged it. Next to the PNG, ``<name>.json`` holds exactly the
-plotted series, so scripts and tests can read back what was drawn.
+and val loss per run, against tokens seen (or steps), with optional horizontal reference
+lines; the y range skips the first 10% of each curve (the drop from ~log(vocab)) so the part
+that matters is readable. A second panel shows HellaSwag acc_norm when any run logged it.
+Next to the PNG, ``<name>.json`` holds exactly the plotted series, so scripts and tests can
+read back what was drawn.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2fit.errors import ArgumentParser, UserError
-from gpt2fit.formats import METRICS, PLOT, read_metrics
+import numpy as np
+
+from gpt2fit import options
+from gpt2fit.errors import UserError
+from gpt2fit.formats import METRICS, PLOT, read_metrics, write_json_atomic
+from gpt2fit.options import opt
+from gpt2fit.units import finite, format_count
 
 FIGSIZE = (10.0, 5.0)  # inches, one panel; two panels add HELLASWAG_HEIGHT
 HELLASWAG_HEIGHT = 3.0
 DPI = 100
-KINDS = ("train", "eval", "hellaswag")
+DESCRIPTION = "Plot train/val loss (and HellaSwag when logged) of one or more runs."
+EPILOG = """examples:
+  gpt2fit plot out/quickstart
+  gpt2fit plot out/a out/b --labels adamw,adamw8bit --ref '3.28=GPT-2 124M' --out cmp.png"""
 
 
 def smooth_values(values, window: int | None = None) -> list[float]:
@@ -37,24 +45,13 @@ def smooth_values(values, window: int | None = None) -> list[float]:
         window = max(1, n // 50)
     if window < 1:
         raise UserError(f"smooth window must be >= 1 point, got {window}")
+    if n == 0:
+        return []
     half = int(window) // 2
-    if half == 0:
-        return [float(v) for v in values]
-    prefix = [0.0]
-    for v in values:
-        prefix.append(prefix[-1] + float(v))
-    out = []
-    for i in range(n):
-        lo, hi = max(0, i - half), min(n, i + half + 1)
-        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
-    return out
-
-
-def _format_count(v, _pos=None) -> str:
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(v) >= div:
-            return f"{v / div:g}{suffix}"
-    return f"{v:g}"
+    kernel = np.ones(2 * half + 1)
+    # the sum over the window / the number of points in it (fewer at the edges)
+    sums = np.convolve(np.asarray(values, dtype=np.float64), kernel)[half : half + n]
+    return (sums / np.convolve(np.ones(n), kernel)[half : half + n]).tolist()
 
 
 def _zoom_top(runs, refs) -> float | None:
@@ -160,7 +157,8 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
                 linewidth=1.5, label=f"{r['label']} val",
             )  # fmt: skip
         if ax_hs is not None and r["hellaswag"]["x"]:
-            ax_hs.plot(r["hellaswag"]["x"], r["hellaswag"]["acc_norm"], color=c, marker="o", markersize=3, label=r["label"])
+            ax_hs.plot(r["hellaswag"]["x"], r["hellaswag"]["acc_norm"], color=c, marker="o", markersize=3,
+                       label=r["label"])
     for value, label in refs:
         ax.axhline(value, color="gray", linestyle=":", linewidth=1.2)
         ax.annotate(
@@ -173,7 +171,7 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
     if x == "tokens":
         from matplotlib.ticker import FuncFormatter
 
-        (ax_hs or ax).xaxis.set_major_formatter(FuncFormatter(_format_count))
+        (ax_hs or ax).xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_count(v)))
     ax.set_ylabel("loss")
     ax.set_title("loss" if len(runs) == 1 else "loss comparison")
     ax.grid(True, alpha=0.3)
@@ -196,82 +194,51 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
         "reference_lines": [{"value": v, "label": l} for v, l in refs],
         "runs": runs,
     }
-    json_path = out_path.with_suffix(".json")
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, json_path)
+    write_json_atomic(out_path.with_suffix(".json"), data)
     return out_path
 
 
-def _parse_ref(text: str):
+@dataclass
+class PlotOptions:
+    """runs and drawing"""
+
+    run_dirs: list[str] = opt([], "Run dir(s) holding metrics.jsonl.", positional=True, metavar="RUN_DIR")
+    out: str | None = opt(None, f"PNG to write (default: RUN_DIR/{PLOT} for one run, ./loss_comparison.png for "
+                                "several); the plotted series go next to it as <name>.json.")
+    x: str = opt("tokens", "x axis: tokens seen or optimizer steps.", choices=("tokens", "step"))
+    ref: list[str] = opt([], "Horizontal reference line(s) on the loss panel, VALUE or VALUE=LABEL, repeatable "
+                             "(e.g. --ref 3.28 --ref '2.92=target').", metavar="VALUE[=LABEL]")
+    labels: str | None = opt(None, "Comma-separated legend labels, one per RUN_DIR (default: the dir names).")
+    smooth: int | None = opt(None, "Centered moving-average window for the train loss, in logged points; 1 = raw "
+                                   "(default: about 2% of the points).", minimum=1)
+
+
+def parse_ref(text: str):
+    """"3.28" -> 3.28; "3.28=GPT-2 124M" -> (3.28, "GPT-2 124M")."""
     value, _, label = text.partition("=")
     try:
-        v = float(value)
+        v = finite(float(value), "--ref")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VALUE or VALUE=LABEL, e.g. 3.28=GPT-2 124M") from None
+        raise UserError(f"--ref {text!r}: expected VALUE or VALUE=LABEL, e.g. --ref '3.28=GPT-2 124M'.") from None
     return (v, label) if label else v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="gpt2fit plot",
-        description="Plot train/val loss (and HellaSwag when logged) of one or more runs.",
-        epilog=(
-            "examples:\n"
-            "  gpt2fit plot out/quickstart\n"
-            "  gpt2fit plot out/a out/b --labels adamw,adamw8bit --ref '3.28=GPT-2 124M' --out cmp.png"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dir(s) holding metrics.jsonl")
-    p.add_argument(
-        "--out",
-        help=f"PNG to write (default: RUN_DIR/{PLOT} for one run, ./loss_comparison.png for several); "
-        "the plotted series go next to it as <name>.json",
-    )
-    p.add_argument("--x", choices=("tokens", "step"), default="tokens", help="x axis: tokens seen or optimizer steps (default: tokens)")
-    p.add_argument(
-        "--ref",
-        type=_parse_ref,
-        action="append",
-        default=[],
-        metavar="VALUE[=LABEL]",
-        help="horizontal reference line on the loss panel, repeatable (e.g. --ref 3.28 --ref '2.92=target')",
-    )
-    p.add_argument("--labels", help="comma-separated legend labels, one per RUN_DIR (default: the dir names)")
-    p.add_argument(
-        "--smooth",
-        type=int,
-        default=None,
-        help="centered moving-average window for the train loss, in logged points; 1 = raw "
-        "(default: about 2%% of the points)",
-    )
-    return p
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for d in args.run_dirs:
-        if not (Path(d) / METRICS).is_file():
-            raise UserError(
-                f"{Path(d) / METRICS} not found: {d} is not a run dir (or has not logged yet); "
-                "pass the --out_dir of a `gpt2fit train` run"
-            )
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    if args.out:
-        out = Path(args.out)
-    elif len(args.run_dirs) == 1:
-        out = Path(args.run_dirs[0]) / PLOT
+    (o,), _ = options.parse(argv, [PlotOptions], prog="gpt2fit plot", description=DESCRIPTION, epilog=EPILOG)
+    labels = [s.strip() for s in o.labels.split(",")] if o.labels else None
+    if o.out:
+        out = Path(o.out)
+    elif len(o.run_dirs) == 1:
+        out = Path(o.run_dirs[0]) / PLOT
     else:
         out = Path("loss_comparison.png")
-    path = plot_runs(args.run_dirs, out, x=args.x, reference_lines=args.ref, labels=labels, smooth=args.smooth)
+    refs = [parse_ref(r) for r in o.ref]
+    path = plot_runs(o.run_dirs, out, x=o.x, reference_lines=refs, labels=labels, smooth=o.smooth)
     print(f"wrote {path} (series in {path.with_suffix('.json')})")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     from gpt2fit.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

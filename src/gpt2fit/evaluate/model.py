@@ -1,0 +1,115 @@
+"""Loading a model to evaluate or sample from, and what every scorer shares: eval mode that is
+restored afterwards, sharding over Accelerate processes, and summing counts over them."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gpt2fit.errors import UserError
+from gpt2fit.formats import FINAL, is_run_dir, resolve_model_path
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``name`` (cpu, cuda, cuda:1, mps) checked against this machine; None: cuda > mps > cpu."""
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name is None:
+        return torch.device("cuda" if have["cuda"] else "mps" if have["mps"] else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:1 or mps.") from None
+    if not have.get(dev.type, False) or (dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()):
+        usable = [k for k, ok in have.items() if ok]
+        raise UserError(f"--device {name}: no such device on this machine; use one of {', '.join(usable)}.")
+    return dev
+
+
+def check_model_path(path_or_id) -> str:
+    """The model dir to load (``resolve_model_path``), or a UserError for a local path that holds
+    no model. A string that is not a local path is taken for a Hub id and returned."""
+    path_or_id = os.fspath(path_or_id)
+    p = Path(path_or_id)
+    if is_run_dir(p) and not (p / FINAL / "config.json").is_file():
+        raise UserError(f"run dir {p} has no {FINAL}/ model yet: wait for training to finish (it exports "
+                        f"{p / FINAL}), or pass a Hugging Face model dir")
+    model_path = resolve_model_path(path_or_id)
+    looks_local = p.is_absolute() or path_or_id.startswith(".") or p.exists() or path_or_id.count("/") > 1
+    if looks_local and not (Path(model_path) / "config.json").is_file():
+        raise UserError(f"model {path_or_id} not found: pass a run dir (with {FINAL}/), a Hugging Face model "
+                        "dir with config.json, or a Hub id such as openai-community/gpt2")
+    return model_path
+
+
+def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
+    """``(model, tokenizer)`` from a run dir (its ``final/``), a model dir or a Hub id.
+
+    ``dtype``: None means float32 (exact numbers), or "bfloat16" / "float16" / "auto" (the
+    checkpoint's own dtype) / a torch.dtype. ``device``: None picks cuda, then mps, then cpu.
+    The model is returned in eval mode. The tokenizer is None when the model has none (enough
+    for perplexity, which reads token ids). Remote code is never trusted.
+    """
+    path_or_id = os.fspath(path_or_id)
+    model_path = check_model_path(path_or_id)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype is None:
+        dtype = torch.float32
+    elif isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {path_or_id}: {first}\npass a run dir (with {FINAL}/), a model dir "
+                        "with config.json, or a Hub id (offline? set HF_HUB_OFFLINE=0 or download it first)") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError, KeyError):  # no tokenizer files: fine for perplexity
+        tokenizer = None
+    return model.to(device).eval(), tokenizer
+
+
+def n_positions(model) -> int:
+    cfg = model.config
+    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if not n:
+        raise UserError("the model config has no n_positions / max_position_embeddings; pass --block_size")
+    return int(n)
+
+
+@contextmanager
+def eval_mode(module):
+    """Every submodule in eval mode (no dropout) inside, each one's own flag restored after."""
+    mods = list(module.modules()) if isinstance(module, torch.nn.Module) else []
+    flags = [m.training for m in mods]
+    if mods:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(mods, flags):
+            m.training = flag
+
+
+def shards(items: list, accelerator, batch_size: int) -> tuple[list, int]:
+    """This process's share of ``items`` (every world-th one) and the number of batches of
+    ``batch_size`` the busiest process runs: every process must run as many forwards (sharded and
+    DDP models synchronize in each), so the others add dummy batches that count nothing."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = items[rank::world]
+    return mine, max(-(-len(items[r::world]) // batch_size) for r in range(world))
+
+
+def sum_over_processes(t: torch.Tensor, accelerator) -> list[float]:
+    """Sum a float64 tensor of counts over all processes (float64 keeps token counts exact)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()
