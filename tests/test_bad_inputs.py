@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_flags
-from gpt2fit.train.loop import main as train_main
+from gpt2fit.train.command import main as train_main
 
 ENV = {"OMP_NUM_THREADS": "1"}  # many short processes on a small shared CPU
 WORKERS = 3

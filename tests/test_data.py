@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from gpt2fit.train.batches import WindowBatches, eval_windows
+from gpt2fit.train.batches import WindowBatches
 from gpt2fit.formats import open_split, read_meta
-from gpt2fit.prepare.core import prepare
+from gpt2fit.prepare import prepare
 from gpt2fit.errors import UserError
 from gpt2fit.prepare.tokenizers import build_char_tokenizer, train_bpe
 
@@ -127,13 +127,6 @@ def test_window_batches_cover_each_window_once_per_epoch_and_are_deterministic()
     r0 = WindowBatches(data, 10, 2, seed=3, rank=0, world=2)
     r1 = WindowBatches(data, 10, 2, seed=3, rank=1, world=2)
     assert sorted(np.concatenate([r0.starts(0), r1.starts(0)]).tolist()) == sorted(b.starts(0).tolist())
-
-
-def test_eval_windows_fixed_and_evenly_spaced():
-    data = np.zeros(1001, dtype=np.uint16)
-    assert (eval_windows(data, 10, None) == np.arange(100) * 10).all()
-    w = eval_windows(data, 10, 5)
-    assert len(w) == 5 and w[0] == 0 and w[-1] == 990
 
 
 def test_tiny_shakespeare_gpt2_token_counts_match_nanogpt(tmp_path):

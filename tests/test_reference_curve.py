@@ -20,7 +20,7 @@ import pytest
 
 from conftest import read_rows, tiny_flags
 from gpt2fit.prepare.core import prepare
-from gpt2fit.train.loop import main as train_main
+from gpt2fit.train.command import main as train_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference_curve.json"

@@ -33,8 +33,8 @@ import torch
 from conftest import ROOT, read_rows, run_cli, tiny_flags
 from gpt2fit.train import checkpoint as ckpt
 from gpt2fit.cli import run_main
-from gpt2fit.train.loop import EXIT_PREEMPTED
-from gpt2fit.train.loop import main as train_main
+from gpt2fit.train.command import EXIT_PREEMPTED
+from gpt2fit.train.command import main as train_main
 
 ENV = {"OMP_NUM_THREADS": "1"}
 STEPS = 24
@@ -679,7 +679,7 @@ def test_inf_weights_diverge_without_any_patching(char_data, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 def test_oom_message_names_the_knobs_and_the_planner(char_data, tmp_path):
     from gpt2fit.config import parse_config
-    from gpt2fit.train.loop import oom_message
+    from gpt2fit.train.command import oom_message
 
     cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "r", optimizer="adamw8bit", grad_checkpointing="true",
                                      block_size=64, preset="gpt2-medium"))
@@ -690,12 +690,12 @@ def test_oom_message_names_the_knobs_and_the_planner(char_data, tmp_path):
 
 
 def test_oom_during_training_becomes_a_clear_error(char_data, tmp_path, monkeypatch, capsys):
-    import gpt2fit.train.loop as train
+    import gpt2fit.train.command as command
 
-    def oom(run):
+    def oom(run, on_checkpoint=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "fit", oom)
+    monkeypatch.setattr(command, "fit", oom)
     rc, out, err = run_in_process(tiny_flags(char_data, tmp_path / "run", max_steps=3), capsys)
     assert rc == 2
     first = error_line(err)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_rows, run_cli, tiny_flags
-from gpt2fit.train.loop import main as train_main
+from gpt2fit.train.command import main as train_main
 
 
 def train(data, out, **over) -> int:
@@ -208,7 +208,8 @@ def test_periodic_hellaswag_rows(char_data, tmp_path):
     rows = read_rows(out, "hellaswag")
     assert [r["step"] for r in rows] == [2, 4] and all(r["n"] == 4 for r in rows)
     # the last row is the final model's score on the same fixed subset, computed independently here
-    from gpt2fit.evaluate.core import hellaswag_subset, load_hellaswag, load_model_and_tokenizer, score_hellaswag
+    from gpt2fit.evaluate.hellaswag import hellaswag_subset, load_hellaswag, score_hellaswag
+    from gpt2fit.evaluate.model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(out), device="cpu")
     res = score_hellaswag(model, tok, hellaswag_subset(load_hellaswag(fixture), 4, seed=7))

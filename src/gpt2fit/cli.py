@@ -11,16 +11,17 @@ import importlib
 import os
 import sys
 
+from gpt2fit import __version__
 from gpt2fit.errors import UserError, suggest
 
 # name -> (module, one-line summary). Modules are imported lazily: `gpt2fit plan` must not pay
 # for importing the training stack.
 COMMANDS = {
-    "prepare": ("gpt2fit.prepare.core", "tokenize text into train.bin / val.bin token files"),
-    "train": ("gpt2fit.train.loop", "train or finetune a GPT-2 (use `accelerate launch` for GPUs)"),
+    "prepare": ("gpt2fit.prepare.command", "tokenize text into train.bin / val.bin token files"),
+    "train": ("gpt2fit.train.command", "train or finetune a GPT-2 (use `accelerate launch` for GPUs)"),
     "sample": ("gpt2fit.evaluate.sample", "generate text from a run dir or a Hugging Face model dir"),
     "plan": ("gpt2fit.plan.planner", "will it fit? memory, micro-batch and time before you start"),
-    "eval": ("gpt2fit.evaluate.core", "perplexity and HellaSwag on a run dir or model dir"),
+    "eval": ("gpt2fit.evaluate.command", "perplexity and HellaSwag on a run dir or model dir"),
     "plot": ("gpt2fit.evaluate.plot", "plot train/val loss curves of one or more runs"),
     "push": ("gpt2fit.publish.push", "push a finished run to the Hugging Face Hub"),
     "bench": ("gpt2fit.train.bench", "measure tokens/s, MFU and peak memory of training steps"),
@@ -58,8 +59,6 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from gpt2fit import __version__
-
         print(f"gpt2fit {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from gpt2fit import options
+from gpt2fit import options, units
 from gpt2fit.errors import ArgumentParser, UserError, suggest
 from gpt2fit.options import fields_of, opt
 
@@ -256,7 +256,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "gpt2fit train") -> 
     """argv -> (resolved TrainConfig, print_only). Raises UserError on any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
-    ns, _ = parser.parse_known_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    # a misspelt flag's value would otherwise be read as the recipe: name the flag first
+    options.refuse_unknown([u for u in unknown if u.startswith("-")], FIELDS, prog)
     if ns.recipe is not None and ns.config is not None and ns.recipe != ns.config:
         raise UserError(f"two recipes given ({ns.recipe!r} and --config {ns.config!r}); give one.")
     recipe = ns.config or ns.recipe
@@ -323,9 +325,7 @@ def validate(cfg: TrainConfig) -> None:
     if r.max_tokens is not None:
         parse_count(r.max_tokens, "max_tokens")
     if r.max_memory is not None:
-        from gpt2fit.units import parse_size
-
-        parse_size(r.max_memory)
+        units.parse_size(r.max_memory)
     if r.host_sync == "log" and (o.optimizer != "adamw" or r.mixed_precision == "fp16"):
         what = f"optimizer={o.optimizer!r}" if o.optimizer != "adamw" else "mixed_precision='fp16' (its grad scaler)"
         raise UserError(f"host_sync=log skips non-finite updates inside fused torch AdamW, which {what} does "
@@ -361,10 +361,9 @@ def micro_batch(cfg: TrainConfig) -> int | None:
 
 
 def parse_count(text: str | int | float, key: str = "value") -> int:
-    from gpt2fit.units import parse_count as _parse
-
+    """A positive count (10B, 0.5M, 491520) for option ``key``."""
     try:
-        n = _parse(text)
+        n = units.parse_count(text)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
     if n <= 0:

@@ -16,15 +16,17 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from gpt2fit.errors import UserError
+from gpt2fit.plan.planner import max_micro_batch
+from gpt2fit.train.optim import build_optimizer
+from gpt2fit.units import parse_size
 
 CPU_CAP = 64
 
 
 def planned_micro_batch(cfg, lm_config, memory_bytes: int, precision: str, world: int) -> int:
-    from gpt2fit.plan.planner import max_micro_batch
-
     return max_micro_batch(
         lm_config, memory_bytes=memory_bytes, block_size=cfg.model.block_size, precision=precision,
         optimizer=cfg.optim.optimizer, grad_checkpointing=cfg.model.grad_checkpointing,
@@ -38,8 +40,6 @@ def probe_micro_batch(try_step, start: int) -> int:
     Backs off 10% per out-of-memory from ``start`` (as Accelerate's find_executable_batch_size),
     then bisects between the last size that ran and the last that did not, so the answer is exact.
     """
-    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-
     def runs(b: int) -> bool:
         try:
             try_step(b)
@@ -77,8 +77,6 @@ def auto_micro_batch(cfg, model, accelerator) -> int:
         accelerator.print(f"micro_batch_size auto: {est} (planner estimate for {ram / 2**30:.0f} GiB host RAM, "
                           f"capped at {CPU_CAP})")
         return est
-    from gpt2fit.units import parse_size
-
     total = torch.cuda.get_device_properties(device).total_memory
     memory = min(total, parse_size(cfg.run.max_memory)) if cfg.run.max_memory else total
     est = planned_micro_batch(cfg, lm.config, memory, precision, world)
@@ -99,8 +97,6 @@ PROBE_STEPS = 2  # the first step allocates the optimizer states; the second bac
 
 
 def _try_step(cfg, model, accelerator, batch: int) -> None:
-    from gpt2fit.train.optim import build_optimizer
-
     vocab = model.lm.config.vocab_size
     x = torch.randint(0, vocab, (batch, cfg.model.block_size + 1), device=accelerator.device)
     opt = build_optimizer(model, cfg.optim, accelerator.device.type, fused=cfg.run.host_sync == "log")

@@ -65,17 +65,6 @@ class WindowBatches:
         return w[:, :-1], w[:, 1:]
 
 
-def eval_windows(data: np.ndarray, block_size: int, n_windows: int | None) -> np.ndarray:
-    """Fixed start offsets of validation windows: all non-overlapping ones, or n evenly spaced."""
-    total = (len(data) - 1) // block_size
-    if total == 0:
-        raise UserError(f"val split has {len(data)} tokens, fewer than block_size+1={block_size + 1}; use a "
-                        "smaller --block_size or a larger --val_fraction when preparing.")
-    if n_windows is None or n_windows >= total:
-        return np.arange(total) * block_size
-    return np.linspace(0, total - 1, n_windows).round().astype(np.int64) * block_size
-
-
 def make_loader(batches: WindowBatches, start: int, num_workers: int, pin_memory: bool):
     """A DataLoader yielding micro-batches start, start+1, ... (workers prefetch in order)."""
     class _Sampler(torch.utils.data.Sampler):

@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from transformers import GenerationConfig
+
 from gpt2fit import formats
 from gpt2fit.errors import UserError
 
@@ -145,8 +147,6 @@ def export_final(accelerator, model, tokenizer, run_dir) -> Path:
     ``model`` is the prepared ``CausalLM``; every rank calls this (FSDP/DeepSpeed gather the full
     state dict collectively), the main process writes.
     """
-    from transformers import GenerationConfig
-
     state_dict = accelerator.get_state_dict(model)
     lm = accelerator.unwrap_model(model, keep_torch_compile=False).lm
     final = Path(run_dir) / formats.FINAL

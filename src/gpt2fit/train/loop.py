@@ -1,7 +1,7 @@
-"""The training loop: ``setup()`` -> ``fit()`` (with ``validate()``) -> ``finish()``.
-
-Launch with ``accelerate launch [--config_file accelerate_configs/X.yaml] scripts/train.py RECIPE
-[--flag value ...]`` or plainly ``gpt2fit train RECIPE`` on one device.
+"""The training loop: ``setup()`` -> ``fit()`` (``train_step``, ``validate``), as torchtitan's
+``Trainer.train``: ``fit`` has one line per concern (step, report, validate, checkpoint, stop);
+what is reported lives in report.py, and what happens after training (export, summary, plot,
+sample, push) in command.py.
 
 One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences on each process.
 The loss is weighted per token over the whole step: every micro-batch contributes
@@ -11,25 +11,38 @@ The loss is weighted per token over the whole step: every micro-batch contribute
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib.util
+import logging
 import math
 import os
 import re
 import shutil
 import signal
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import TorchDynamoPlugin, set_seed
 
-from gpt2fit.train import checkpoint as ckpt
-from gpt2fit import formats
-from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_config, parse_count
+from gpt2fit import formats, hardware
+from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_count
 from gpt2fit.errors import UserError
+from gpt2fit.evaluate.hellaswag import hellaswag_subset, load_hellaswag, score_hellaswag
+from gpt2fit.evaluate.perplexity import windowed_loss
+from gpt2fit.prepare.core import prepare
+from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
+from gpt2fit.train import checkpoint as ckpt
+from gpt2fit.train.autobatch import auto_micro_batch
+from gpt2fit.train.batches import WindowBatches, make_loader
+from gpt2fit.train.model import CausalLM, build_model, n_params
+from gpt2fit.train.optim import build_optimizer, build_scheduler
+from gpt2fit.train.report import MetricsLog, Reporter
+from gpt2fit.units import parse_size
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun with --resume auto
 MODEL_SHAPE_KEYS = ("preset", "init_from", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to",
@@ -53,7 +66,6 @@ class Run:
     total_steps: int
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float | None
     n_params: int
     meta: dict
     log: object
@@ -61,7 +73,6 @@ class Run:
     start_step: int = 0
     state: dict = field(default_factory=dict)
     hellaswag: list | None = None  # the fixed subset scored during training
-    hub_pusher: object = None  # hub.BackgroundPusher, created on the first push
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,9 +80,6 @@ class Run:
 # ------------------------------------------------------------------------------------------
 def preflight(cfg: TrainConfig):
     """Every check that can fail on user input, before anything is written to out_dir."""
-    from gpt2fit.formats import open_split, read_meta
-    from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
-
     if not cfg.data.data_dir:
         raise UserError("no data_dir given; pass --data_dir DIR (prepared with `gpt2fit prepare`).")
     if cfg.run.max_steps is None and cfg.run.max_tokens is None and cfg.run.epochs is None:
@@ -79,9 +87,9 @@ def preflight(cfg: TrainConfig):
     d = cfg.data
     if d.prepare_from and not (Path(d.data_dir) / formats.META).is_file():
         prepare_data(cfg)
-    meta = read_meta(cfg.data.data_dir)
-    train_data = open_split(cfg.data.data_dir, "train", meta)
-    val_data = open_split(cfg.data.data_dir, "val", meta)
+    meta = formats.read_meta(cfg.data.data_dir)
+    train_data = formats.open_split(cfg.data.data_dir, "train", meta)
+    val_data = formats.open_split(cfg.data.data_dir, "val", meta)
     tok_dir = Path(cfg.data.data_dir) / formats.TOKENIZER_DIR
     tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else meta["tokenizer"]["name_or_path"])
     if cfg.model.init_from:
@@ -99,15 +107,6 @@ def preflight(cfg: TrainConfig):
                     f"`gpt2fit prepare --tokenizer {cfg.model.init_from} --input ... --out_dir ...`.")
             if base_tok is not None:
                 tokenizer = base_tok
-    if cfg.run.push_to_hub:  # fail now, not after a week of training
-        from huggingface_hub import constants
-
-        from gpt2fit.publish.push import check_repo_id
-
-        check_repo_id(cfg.run.hub_model_id)
-        if constants.HF_HUB_OFFLINE:
-            raise UserError("--push_to_hub needs the network but HF_HUB_OFFLINE is set; unset it, or drop "
-                            "--push_to_hub and push later with `gpt2fit push RUN_DIR --repo_id ...`.")
     vocab = int(meta["tokenizer"]["vocab_size"])
     if cfg.model.preset is None and cfg.model.init_from is None and cfg.model.n_layer is None:
         raise UserError("no model given: set --preset (gpt2, gpt2-medium, ...), --init_from, or "
@@ -117,10 +116,6 @@ def preflight(cfg: TrainConfig):
 
 def prepare_data(cfg: TrainConfig) -> None:
     """Build data_dir from ``prepare_from`` (main process; the others wait and then read it)."""
-    from accelerate import PartialState
-
-    from gpt2fit.prepare.core import prepare
-
     d = cfg.data
     state = PartialState()
     if state.is_main_process:
@@ -168,21 +163,13 @@ def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
 
 
 def make_accelerator(cfg: TrainConfig):
-    import logging
-
-    from accelerate import Accelerator
-    from accelerate.utils import TorchDynamoPlugin
-
-    mp = cfg.run.mixed_precision
-    if mp == "auto":
-        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
-            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    cuda = torch.cuda.is_available()
+    mp = hardware.resolve_precision(cfg.run.mixed_precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+                                    env=os.environ.get("ACCELERATE_MIXED_PRECISION"))
     # tied wte/lm_head: safetensors stores the shared tensor once; accelerate warns on every save
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     trackers = [t.strip() for t in cfg.run.report_to.split(",") if t.strip() not in ("none", "")]
     if trackers == ["auto"]:
-        import importlib.util
-
         trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     elif trackers == ["tensorboard"]:
         try:
@@ -190,8 +177,6 @@ def make_accelerator(cfg: TrainConfig):
         except ImportError:
             raise UserError("report_to=tensorboard needs tensorboard: pip install tensorboard") from None
     m = cfg.model
-    from accelerate.state import AcceleratorState
-
     # Accelerate keeps mixed precision and the dynamo plugin in a process-wide singleton that a
     # second Accelerator would silently reuse: give every run (main() called twice in one
     # process: tests, notebooks) its own. The process group (PartialState) is kept.
@@ -216,14 +201,6 @@ def compile_note(accelerator) -> str:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    from accelerate.utils import set_seed
-
-    from gpt2fit.train.batches import WindowBatches
-    from gpt2fit.train.report import MetricsLog, device_peak_flops
-    from gpt2fit.train.model import CausalLM, build_model, n_params
-    from gpt2fit.train.optim import build_optimizer, build_scheduler
-    from gpt2fit.hardware import flops_per_token
-
     meta, train_data, val_data, tokenizer, vocab = preflight(cfg)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -231,8 +208,6 @@ def setup(cfg: TrainConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
         if cfg.run.max_memory:
-            from gpt2fit.units import parse_size
-
             cap = parse_size(cfg.run.max_memory)
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
@@ -245,8 +220,6 @@ def setup(cfg: TrainConfig) -> Run:
     world = accelerator.num_processes
     micro = micro_batch(cfg)
     if micro is None:
-        from gpt2fit.train.autobatch import auto_micro_batch
-
         micro = auto_micro_batch(cfg, model, accelerator)
     accum = grad_accum_for(cfg, micro, world)
     tokens_per_step = micro * cfg.model.block_size * accum * world
@@ -269,18 +242,16 @@ def setup(cfg: TrainConfig) -> Run:
         accelerator.init_trackers("gpt2fit", config={k: v for k, v in cfg.to_flat().items()
                                                      if isinstance(v, (int, float, str, bool))})
     n = n_params(lm)
-    fpt = flops_per_token(n_params(lm, non_embedding=True), lm.config.n_layer, lm.config.n_embd,
+    fpt = hardware.flops_per_token(n_params(lm, non_embedding=True), lm.config.n_layer, lm.config.n_embd,
                           cfg.model.block_size)
     run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               tokenizer=tokenizer, train_batches=batches, val_data=val_data, micro=micro, accum=accum,
               total_steps=total_steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
-              peak_flops=device_peak_flops(device), n_params=n, meta=meta,
+              n_params=n, meta=meta,
               log=MetricsLog(cfg.run.out_dir, accelerator, trackers), out_dir=Path(cfg.run.out_dir))
     run.state = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0, "loss_ema": None,
                  "best_val_loss": None, "elapsed_s": 0.0}
     if cfg.run.hellaswag:
-        from gpt2fit.evaluate.core import hellaswag_subset, load_hellaswag
-
         run.hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
                                          seed=cfg.run.seed)
     if resume_from is not None:
@@ -318,69 +289,17 @@ def announce(run: Run, resume_from) -> None:
 # ------------------------------------------------------------------------------------------
 # validate
 # ------------------------------------------------------------------------------------------
-@torch.no_grad()
 def validate(run: Run) -> float:
-    """Token-weighted mean loss over the same fixed validation windows every time."""
-    from gpt2fit.train.batches import eval_windows
-
-    a, T = run.accelerator, run.cfg.model.block_size
-    n = run.cfg.run.eval_batches * run.micro if run.cfg.run.eval_batches else None
-    starts = eval_windows(run.val_data, T, n)[a.process_index::a.num_processes]
-    was_training = run.model.training
-    run.model.eval()
-    loss_sum = torch.zeros((), device=a.device, dtype=torch.float64)
-    count = torch.zeros((), device=a.device, dtype=torch.float64)
-    for i in range(0, len(starts), run.micro):
-        idx = starts[i:i + run.micro, None] + np.arange(T + 1)[None, :]
-        w = torch.from_numpy(run.val_data[idx].astype(np.int64)).to(a.device)
-        loss_sum += run.model(w[:, :-1], w[:, 1:]).double()
-        count += w[:, 1:].numel()
-    loss_sum, count = a.reduce(loss_sum, "sum"), a.reduce(count, "sum")
-    run.model.train(was_training)
-    return float(loss_sum / count)
+    """Token-weighted mean loss over the same fixed validation windows every time: the estimator
+    `gpt2fit eval` uses (gpt2fit.evaluate.perplexity), so the two agree on the same checkpoint."""
+    r = run.cfg.run
+    return windowed_loss(run.model, run.val_data, run.cfg.model.block_size, batch_size=run.micro,
+                         max_windows=r.eval_batches * run.micro or None, accelerator=run.accelerator)["loss"]
 
 
 # ------------------------------------------------------------------------------------------
 # fit
 # ------------------------------------------------------------------------------------------
-class NonfiniteGuard:
-    """Counts optimizer steps skipped as non-finite, for the K-in-a-row stop.
-
-    With host_sync=step each verdict is a Python bool and ``check`` reports it at once. With
-    host_sync=log the counts stay on the device (skipped since the last check, the current streak,
-    the longest streak since the last check) and ``check`` reads them in one transfer, so the
-    training step never waits for the GPU.
-    """
-
-    def __init__(self, state: dict, device, lazy: bool):
-        self.state, self.lazy = state, lazy
-        streak = state["consecutive_nonfinite"]
-        self.pending = torch.tensor([0, streak, streak], device=device) if lazy else None
-        self.last_bad = False
-
-    def add(self, finite) -> None:
-        if self.lazy:
-            bad = (~finite).long()
-            skipped, streak, longest = self.pending.unbind()
-            streak = (streak + 1) * bad
-            self.pending = torch.stack([skipped + bad, streak, torch.maximum(longest, streak)])
-        else:
-            self.last_bad = not finite
-
-    def check(self) -> tuple[int, int]:
-        """(steps skipped since the last check, longest streak since then); updates the state."""
-        if self.lazy:
-            skipped, streak, longest = self.pending.tolist()
-            self.pending = torch.stack([torch.zeros_like(self.pending[1]), self.pending[1], self.pending[1]])
-        else:
-            skipped = int(self.last_bad)
-            streak = self.state["consecutive_nonfinite"] + 1 if self.last_bad else 0
-            longest, self.last_bad = streak, False
-        self.state["skipped_steps"] += skipped
-        self.state["consecutive_nonfinite"] = streak
-        return skipped, longest
-
-
 class StopSignal:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit 75. Second SIGINT: abort now."""
 
@@ -447,227 +366,52 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool | to
     return step_loss, grad_norm, finite
 
 
-def fit(run: Run) -> str:
-    """Train until the stopping point; returns 'completed', 'preempted' or 'diverged'."""
-    from tqdm.auto import tqdm
 
-    from gpt2fit.train.batches import make_loader
-    from gpt2fit.units import format_count
-    from gpt2fit.hardware import mfu
-    from gpt2fit.train.report import peak_memory_bytes
 
-    a, cfg = run.accelerator, run.cfg
-    device = a.device
-    loader = make_loader(run.train_batches, run.start_step * run.accum, cfg.data.num_workers,
-                         pin_memory=cfg.data.pin_memory and device.type == "cuda")
-    batches = iter(loader)
-    if cfg.run.eval_before_training and run.start_step == 0:
-        val = validate(run)
-        run.log.log({"kind": "eval", "step": 0, "tokens": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-        a.print(f"step 0: val loss {val:.4f}")
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not a.is_main_process,
-               dynamic_ncols=True, desc="train", unit="step", mininterval=1.0)
-    tty = sys.stderr.isatty()
+def due(step: int, interval: int, last: bool) -> bool:
+    """Every ``interval`` steps (0 = never) and at the last step."""
+    return last or bool(interval and step % interval == 0)
+
+
+def fit(run: Run, on_checkpoint=None) -> str:
+    """Train until the stopping point; returns 'completed', 'preempted' or 'diverged'.
+    ``on_checkpoint(path, step)`` is called after each checkpoint (the train command pushes it)."""
+    a, r = run.accelerator, run.cfg.run
+    pin = run.cfg.data.pin_memory and a.device.type == "cuda"
+    batches = iter(make_loader(run.train_batches, run.start_step * run.accum, run.cfg.data.num_workers, pin))
     status = "completed"
-    t_log, tokens_at_log = time.time(), run.state["tokens"]
-    t_start = time.time() - run.state["elapsed_s"]
-    logged_loss = torch.zeros((), device=device)
-    guard = NonfiniteGuard(run.state, device, lazy=cfg.run.host_sync == "log")
-    checked = run.start_step
-    run.model.train()
-    with StopSignal() as stop, contextlib.closing(bar):
+    with StopSignal() as stop, Reporter(run) as report:
+        if r.eval_before_training and run.start_step == 0:
+            report.eval(0, validate(run))
+        run.model.train()
         for step in range(run.start_step + 1, run.total_steps + 1):
+            last = step == run.total_steps
+            save = due(step, r.checkpoint_interval, last) or stop.requested
             lr = run.scheduler.get_last_lr()[0]
             step_loss, grad_norm, finite = train_step(run, batches)
-            guard.add(finite)
-            run.state["step"] = step
-            run.state["tokens"] += run.tokens_per_step
-            logged_loss = step_loss
-            bar.update(1)
-
-            last = step == run.total_steps
-            interval = cfg.run.checkpoint_interval
-            save_due = bool(interval and step % interval == 0) or last
-            if not guard.lazy or save_due or stop.requested or step % cfg.run.log_interval == 0 \
-                    or step % cfg.run.eval_interval == 0:
-                skipped, longest = guard.check()
-                if skipped:
-                    streak = run.state["consecutive_nonfinite"]
-                    if guard.lazy:
-                        a.print(f"steps {checked + 1}-{step}: {skipped} non-finite update(s) skipped "
-                                f"(longest streak {longest}, {streak} in a row now)")
-                    else:
-                        a.print(f"step {step}: non-finite loss or gradient norm; update skipped ({streak} in a row)")
-                    run.log.log({"kind": "skip", "step": step, "tokens": run.state["tokens"], "consecutive": streak,
-                                 "skipped": skipped, "longest": longest})
-                checked = step
-                if longest >= cfg.run.max_nonfinite_steps:
-                    status = "diverged"
-                    break
-            if step % cfg.run.log_interval == 0 or last:
-                loss = float(a.reduce(logged_loss, "sum")) / run.tokens_per_step
-                now = time.time()
-                tps = (run.state["tokens"] - tokens_at_log) / max(now - t_log, 1e-9)
-                t_log, tokens_at_log = now, run.state["tokens"]
-                row = {"kind": "train", "step": step, "tokens": run.state["tokens"], "loss": loss, "lr": lr,
-                       "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                       "mfu": mfu(tps / a.num_processes, run.flops_per_token, run.peak_flops),
-                       "peak_mem_bytes": peak_memory_bytes(device), "time_s": now - t_start}
-                ema = run.state["loss_ema"]
-                if ema is not None and math.isfinite(loss) and loss > cfg.run.spike_factor * ema:
-                    a.print(f"step {step}: loss spike {loss:.3f} vs running mean {ema:.3f}")
-                    row["spike"] = True
-                if math.isfinite(loss):
-                    run.state["loss_ema"] = loss if ema is None else 0.9 * ema + 0.1 * loss
-                run.log.log(row)
-                post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": format_count(tps)}
-                if row["mfu"] is not None:
-                    post["mfu"] = f"{100 * row['mfu']:.1f}%"
-                bar.set_postfix(post, refresh=False)
-                if not tty and a.is_main_process:
-                    print(f"step {step}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                          f"{format_count(tps)} tok/s", flush=True)
-            if step % cfg.run.eval_interval == 0 or last:
-                val = validate(run)
-                run.state["best_val_loss"] = val if run.state["best_val_loss"] is None \
-                    else min(val, run.state["best_val_loss"])
-                run.log.log({"kind": "eval", "step": step, "tokens": run.state["tokens"], "val_loss": val,
-                             "val_ppl": math.exp(min(val, 50))})
-                a.print(f"step {step}: val loss {val:.4f}")
-                run.state["last_val_loss"] = val
-            hs_interval = cfg.run.hellaswag_interval or cfg.run.eval_interval
-            if run.hellaswag and (step % hs_interval == 0 or last):
-                score_hellaswag_now(run, step)
-            run.state["elapsed_s"] = time.time() - t_start
-            streak = run.state["consecutive_nonfinite"] > 0  # never save (and rotate) inside a non-finite streak
-            if save_due and not streak or stop.requested:
-                save_checkpoint(run)
+            report.step(step, finite)
+            if report.nonfinite(step, force=save) >= r.max_nonfinite_steps:
+                status = "diverged"
+                break
+            if due(step, r.log_interval, last):
+                report.train(step, step_loss, lr, grad_norm)
+            if due(step, r.eval_interval, last):
+                report.eval(step, validate(run))
+            if run.hellaswag and due(step, r.hellaswag_interval or r.eval_interval, last):
+                report.hellaswag(step, score_hellaswag(a.unwrap_model(run.model).lm, run.tokenizer, run.hellaswag,
+                                                       batch_size=run.micro, accelerator=a))
+            # never save (and rotate away the last good checkpoint) inside a non-finite streak
+            if save and (run.state["consecutive_nonfinite"] == 0 or stop.requested):
+                path = save_checkpoint(run)
+                if on_checkpoint is not None:
+                    on_checkpoint(path, step)
             if stop.requested and not last:
                 status = "preempted"
                 break
-    bar.close()
     return status
 
 
-def score_hellaswag_now(run: Run, step: int) -> None:
-    """Zero-shot HellaSwag on the fixed subset, on every rank (the scorer splits and all-reduces)."""
-    from gpt2fit.evaluate.core import score_hellaswag
-
-    a = run.accelerator
-    lm = a.unwrap_model(run.model).lm
-    res = score_hellaswag(lm, run.tokenizer, run.hellaswag, batch_size=run.micro, accelerator=a)
-    run.log.log({"kind": "hellaswag", "step": step, "tokens": run.state["tokens"], "acc": res["acc"],
-                 "acc_norm": res["acc_norm"], "n": res["n"]})
-    a.print(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
-
-
-def save_checkpoint(run: Run) -> None:
+def save_checkpoint(run: Run) -> Path:
     state = dict(run.state)
     state["model_shape"] = {k: v for k, v in run.cfg.to_flat().items() if k in MODEL_SHAPE_KEYS}
-    path = ckpt.save(run.accelerator, run.out_dir, run.state["step"], state, run.cfg.run.keep_checkpoints)
-    if run.cfg.run.push_to_hub and run.cfg.run.hub_push_checkpoints and run.accelerator.is_main_process:
-        pusher(run).submit(str(path), path_in_repo=f"checkpoints/{path.name}",
-                           commit_message=f"checkpoint step {run.state['step']}")
-
-
-def pusher(run: Run):
-    if run.hub_pusher is None:
-        from gpt2fit.publish.push import BackgroundPusher
-
-        r = run.cfg.run
-        run.hub_pusher = BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision)
-    return run.hub_pusher
-
-
-# ------------------------------------------------------------------------------------------
-# finish
-# ------------------------------------------------------------------------------------------
-def finish(run: Run, status: str, wall_start: float) -> int:
-    a, cfg = run.accelerator, run.cfg
-    summary = {"status": status, "step": run.state["step"], "tokens": run.state["tokens"],
-               "final_val_loss": run.state.get("last_val_loss"),
-               "final_val_ppl": math.exp(min(run.state["last_val_loss"], 50))
-               if run.state.get("last_val_loss") is not None else None,
-               "best_val_loss": run.state["best_val_loss"], "skipped_steps": run.state["skipped_steps"],
-               "init_from": cfg.model.init_from, "preset": cfg.model.preset, "data_dir": cfg.data.data_dir,
-               "dataset": run.meta.get("source", {}).get("inputs"), "n_params": run.n_params,
-               "device": device_name(a), "num_processes": a.num_processes,
-               "tokens_per_step": run.tokens_per_step, "wall_time_s": round(time.time() - wall_start, 1)}
-    if status == "completed":
-        final = ckpt.export_final(a, run.model, run.tokenizer, run.out_dir)
-        summary["final_dir"] = str(final)
-    if a.is_main_process:
-        (run.out_dir / formats.SUMMARY).write_text(json.dumps(summary, indent=2))
-        if status == "completed":
-            try:
-                from gpt2fit.evaluate.plot import plot_runs
-
-                plot_runs([run.out_dir], run.out_dir / formats.PLOT)
-            except Exception as e:  # a plot must never fail a finished run
-                print(f"note: could not draw {formats.PLOT}: {e}", file=sys.stderr)
-    a.end_training()
-    if status == "preempted":
-        a.print(f"stopped at step {run.state['step']}; checkpoint saved. Continue with the same command plus "
-                f"--resume auto (exit code {EXIT_PREEMPTED}).")
-        return EXIT_PREEMPTED
-    if status == "diverged":
-        last = ckpt.complete_checkpoints(run.out_dir)
-        where = "at" if cfg.run.host_sync == "step" else "by"  # with host_sync=log: seen at the next check
-        raise UserError(f"training diverged: {cfg.run.max_nonfinite_steps} non-finite steps in a row {where} step "
-                        f"{run.state['step']}. Lower --learning_rate or raise --warmup_steps; the last good "
-                        f"checkpoint is {last[-1] if last else 'none'}.")
-    if a.is_main_process:
-        v = summary["final_val_loss"]
-        print(f"done: {run.state['step']} steps, {run.state['tokens']:,} tokens, val loss "
-              f"{v:.4f} (ppl {summary['final_val_ppl']:.2f}), {summary['wall_time_s']:.0f}s -> {run.out_dir / formats.FINAL}")
-        if cfg.run.sample_prompt is not None:
-            from gpt2fit.evaluate.sample import generate
-
-            text = generate(str(run.out_dir / formats.FINAL), cfg.run.sample_prompt, max_new_tokens=cfg.run.sample_tokens,
-                            seed=cfg.run.seed)[0]
-            print(f"--- sample ---\n{text}\n--------------")
-        if cfg.run.push_to_hub:
-            p = pusher(run)
-            p.submit(str(run.out_dir), commit_message=f"gpt2fit: final model after {run.state['step']} steps",
-                     run_dir=True)
-            failures = p.finish()
-            from gpt2fit.publish.push import repo_url
-
-            print(p.report() if failures else f"pushed to {repo_url(None, cfg.run.hub_model_id, cfg.run.hub_revision)}")
-    return 0
-
-
-def device_name(a) -> str:
-    if a.device.type == "cuda":
-        return torch.cuda.get_device_name(a.device)
-    return str(a.device)
-
-
-def main(argv=None) -> int:
-    wall_start = time.time()
-    cfg, print_only = parse_config(argv)
-    if print_only:
-        print(cfg.to_yaml(), end="")
-        return 0
-    run = setup(cfg)
-    try:
-        status = fit(run)
-    except torch.OutOfMemoryError:
-        raise UserError(oom_message(run)) from None
-    return finish(run, status, wall_start)
-
-
-def oom_message(run: Run) -> str:
-    cfg = run.cfg
-    model = cfg.model.init_from or cfg.model.preset or "custom"
-    return (f"out of GPU memory with micro_batch_size={run.micro}, block_size={cfg.model.block_size}, "
-            f"grad_checkpointing={cfg.model.grad_checkpointing}, optimizer={cfg.optim.optimizer}, "
-            f"loss_chunk_size={cfg.model.loss_chunk_size}. See what fits: `gpt2fit plan --model {model} "
-            f"--block_size {cfg.model.block_size} --micro_batch_size auto`, or pass --micro_batch_size auto, "
-            "--grad_checkpointing true, --optimizer adamw8bit. No checkpoint was damaged.")
-
-
-if __name__ == "__main__":
-    from gpt2fit.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))
+    return ckpt.save(run.accelerator, run.out_dir, run.state["step"], state, run.cfg.run.keep_checkpoints)

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+from transformers.utils import logging as hf_logging
 
 from gpt2fit import formats
 from gpt2fit.config import PRESETS
 from gpt2fit.errors import UserError
+from gpt2fit.train.loss import lm_loss
 
 # GPT-2's tanh-approximated GELU as one op: the same function as HF's "gelu_new", which is built
 # from several elementwise ops that each save an activation (84C vs 36C bytes/token/layer in bf16,
@@ -29,8 +32,6 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
 
 def build_config(margs, vocab_size: int, eot_id: int):
     """A GPT2Config from a preset and/or explicit sizes; n_positions = block_size."""
-    from transformers import GPT2Config
-
     dims = dict(PRESETS.get(margs.preset or "gpt2"))
     for k in ("n_layer", "n_head", "n_embd"):
         if getattr(margs, k) is not None:
@@ -57,8 +58,6 @@ def _attn_impl(requested: str) -> str:
 
 def load_pretrained(init_from: str, margs):
     """Load a GPT-2-architecture model for finetuning, with float32 master weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     src = formats.resolve_model_path(init_from)
     local = Path(src)
     if local.exists():
@@ -82,8 +81,6 @@ def load_pretrained(init_from: str, margs):
         setattr(config, k, margs.dropout)
     if config.activation_function == "gelu_new":
         config.activation_function = GELU  # same function, one fused op
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     if local.exists():  # a local load needs no progress bar (a Hub download keeps its own)
         hf_logging.disable_progress_bar()
@@ -115,8 +112,6 @@ def freeze_biases(model) -> list[str]:
 
 def build_model(margs, vocab_size: int, seed: int, eot_id: int):
     """From scratch (preset / explicit sizes) or ``init_from``; returns a GPT2LMHeadModel."""
-    from transformers import GPT2LMHeadModel
-
     if margs.init_from:
         model = load_pretrained(margs.init_from, margs)
         if model.config.vocab_size < vocab_size:
@@ -126,8 +121,8 @@ def build_model(margs, vocab_size: int, seed: int, eot_id: int):
     else:
         config = build_config(margs, vocab_size, eot_id)
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel._from_config(config, attn_implementation=_attn_impl(margs.attn_implementation),
-                                             dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_attn_impl(margs.attn_implementation),
+                                                 dtype=torch.float32)
         if not margs.bias:  # (config.validate refuses bias=false with init_from)
             freeze_biases(model)
     if margs.grad_checkpointing:
@@ -161,7 +156,5 @@ class CausalLM(nn.Module):
         self.loss_chunk_size = loss_chunk_size
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from gpt2fit.train.loss import lm_loss
-
         hidden = self.lm.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
         return lm_loss(hidden, self.lm.lm_head.weight, targets, chunk_size=self.loss_chunk_size or None)

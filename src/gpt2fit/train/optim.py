@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import get_scheduler
 
 from gpt2fit.errors import UserError
 
@@ -48,25 +49,17 @@ def build_optimizer(model, oargs, device_type: str, fused: bool = False):
     except ImportError:
         raise UserError(f"optimizer={oargs.optimizer!r} needs bitsandbytes: pip install bitsandbytes") from None
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[oargs.optimizer]
-    # bitsandbytes recommends 32-bit state for the token embedding (sparse, outlier-heavy updates)
-    emb = _input_embedding(model)
-    if emb is not None:
-        bnb.optim.GlobalOptimManager.get_instance().override_config(emb, "optim_bits", 32)
+    # bitsandbytes recommends 32-bit state for the token embedding (sparse, outlier-heavy updates);
+    # registered per module as transformers' Trainer does, applied when the optimizer first steps
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
     return cls(groups, lr=oargs.learning_rate, betas=betas, eps=oargs.eps)
-
-
-def _input_embedding(model):
-    lm = getattr(model, "lm", model)
-    try:
-        return lm.get_input_embeddings().weight
-    except AttributeError:
-        return None
 
 
 def build_scheduler(optimizer, oargs, total_steps: int):
     """Warmup then cosine to min_lr / warmup-stable-decay / constant, via transformers.get_scheduler."""
-    from transformers import get_scheduler
-
     warmup = min(oargs.warmup_steps, max(total_steps - 1, 0))
     decay_steps = oargs.lr_decay_steps or total_steps
     min_ratio = oargs.min_lr / oargs.learning_rate
