@@ -155,8 +155,8 @@ def sound_checkpoints(run: Path) -> list[int]:
         assert state["step"] == int(c.name.split("_")[1])
         assert (c / "model.safetensors").is_file()
         steps.append(state["step"])
-    newest = ckpt.find_resume(run, "auto")
-    assert (newest.name if newest else None) == (sdir(steps[-1]) if steps else None)
+    newest = ckpt.find(run, "auto")
+    assert (newest[0].name if newest else None) == (sdir(steps[-1]) if steps else None)
     return steps
 
 
@@ -241,7 +241,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(char_data, ba
     for i, target in enumerate((first, second, save_step)):
         # rows up to `seen` may still be in metrics.jsonl: aim past them (at a checkpoint step for the last)
         target = max(target, seen + 2) if i < 2 else max(target, 3 * math.ceil((seen + 2) / 3))
-        expect = ckpt.find_resume(run, "auto")
+        expect = (ckpt.find(run, "auto") or [None])[0]
         p = Proc(tiny_flags(char_data, run, resume="auto", **flags), tmp_path, f"seg{i}")
         if i < 2:
             wait_for(lambda: last_step(run) >= target, p, f"step {target}")
@@ -416,22 +416,37 @@ def test_resume_auto_skips_half_written_checkpoints_and_rotation_keeps_newest(ch
     assert_same_run(run, base)
 
 
-def test_damaged_newest_checkpoint_fails_clearly_and_an_older_one_resumes(char_data, baselines, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "zeroed_same_size"])
+def test_damaged_newest_checkpoint_is_named_kept_and_auto_resumes_the_one_before(char_data, baselines, tmp_path,
+                                                                              capsys, damage):
+    """A checkpoint damaged in any byte is caught by its hashes: --resume PATH refuses it naming the
+    file (and touches nothing); --resume auto says so loudly, keeps it renamed, resumes the one
+    before, and the run ends bitwise as the uninterrupted one."""
     base = baselines.get(**FLAGS)
     run = copy_unfinished(base, tmp_path / "run", drop_after=24)
-    model = ckpt.step_dir(run, 24) / "model.safetensors"
-    size = model.stat().st_size
-    os.truncate(model, size // 3)
+    damaged = ckpt.step_dir(run, 24)
+    if damage == "truncated":
+        target = damaged / "model.safetensors"
+        size = target.stat().st_size
+        os.truncate(target, size // 3)
+        expect = f"{damaged} is damaged: model.safetensors is {size // 3} bytes, expected {size}"
+    else:  # same size: a manifest of sizes alone would resume from this silently
+        target = damaged / "optimizer.bin"
+        target.write_bytes(bytes(target.stat().st_size))
+        expect = f"{damaged} is damaged: optimizer.bin does not match the hash recorded when it was saved"
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    rc, out, err = cli_in_process("train", tiny_flags(char_data, run, resume="auto", **FLAGS), capsys)
+    rc, out, err = cli_in_process("train", tiny_flags(char_data, run, resume=damaged, **FLAGS), capsys)
     assert rc == 2
     line = error_line(err)
     assert line == err.strip().splitlines()[0]  # nothing was drawn before it
-    assert f"{ckpt.step_dir(run, 24)} is damaged: model.safetensors is {size // 3} bytes, expected {size}" in line
-    assert "--resume PATH" in line
+    assert expect in line and "--resume PATH" in line, line
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # nothing touched
-    p = Proc(tiny_flags(char_data, run, resume=ckpt.step_dir(run, 21), **FLAGS), tmp_path, "path")
+    p = Proc(tiny_flags(char_data, run, resume="auto", **FLAGS), tmp_path, "auto")
     assert p.wait() == 0, p.stderr()[-3000:]
+    assert expect in p.stderr() and f"kept it as {run / 'checkpoints' / ('damaged-' + damaged.name)}" in p.stderr()
+    assert f"resuming from {ckpt.step_dir(run, 21)} at step 21" in p.stdout()
+    kept = run / "checkpoints" / f"damaged-{damaged.name}"
+    assert kept.is_dir() and (kept / target.name).read_bytes() == before[target]  # renamed, never deleted
     assert_same_run(run, base)
 
 

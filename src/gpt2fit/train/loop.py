@@ -125,11 +125,11 @@ def prepare_data(cfg: TrainConfig) -> None:
     state.wait_for_everyone()
 
 
-def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
-    """Refuse to clobber another run; return the checkpoint to resume from (or None)."""
+def prepare_out_dir(cfg: TrainConfig, accelerator) -> tuple[Path | None, dict | None]:
+    """Refuse to clobber another run; return the checkpoint to resume from and its state (or Nones)."""
     out = Path(cfg.run.out_dir)
     has_run = any((out / p).exists() for p in (formats.CONFIG, formats.METRICS, formats.CHECKPOINTS, formats.FINAL))
-    resume_from = ckpt.find_resume(out, cfg.run.resume)
+    resume_from, state = ckpt.find_resume(accelerator, out, cfg.run.resume)
     # killed before its first checkpoint: nothing to lose, so `--resume auto` starts it over
     start_over = cfg.run.resume == "auto" and resume_from is None and has_run and not (out / formats.FINAL).exists()
     if cfg.run.resume is not None and resume_from is None and has_run and (out / formats.METRICS).exists() \
@@ -140,7 +140,6 @@ def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
         raise UserError(f"out_dir {str(out)!r} already holds a run; pass --resume auto to continue it, "
                         "--overwrite to replace it, or choose another --out_dir.")
     if resume_from is not None:
-        state = ckpt.verify(resume_from)
         saved = state.get("model_shape", {})
         now = {k: v for k, v in cfg.to_flat().items() if k in MODEL_SHAPE_KEYS}
         changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
@@ -159,7 +158,7 @@ def prepare_out_dir(cfg: TrainConfig, accelerator) -> Path | None:
                 shutil.rmtree(out / p, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return resume_from
+    return resume_from, state
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -236,7 +235,7 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = build_optimizer(model, cfg.optim, device.type, fused=cfg.run.host_sync == "log")
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    resume_from = prepare_out_dir(cfg, accelerator)
+    resume_from, resume_state = prepare_out_dir(cfg, accelerator)
     trackers = bool(accelerator.log_with)
     if trackers:
         accelerator.init_trackers("gpt2fit", config={k: v for k, v in cfg.to_flat().items()
@@ -255,7 +254,8 @@ def setup(cfg: TrainConfig) -> Run:
         run.hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
                                          seed=cfg.run.seed)
     if resume_from is not None:
-        run.state.update(ckpt.load(accelerator, resume_from))
+        ckpt.load(accelerator, resume_from)
+        run.state.update(resume_state)
         run.start_step = run.state["step"]
         run.log.truncate_after(run.start_step)
     if accelerator.is_main_process:
@@ -385,12 +385,12 @@ def fit(run: Run, on_checkpoint=None) -> str:
             report.eval(0, validate(run))
         run.model.train()
         for step in range(run.start_step + 1, run.total_steps + 1):
-            last = step == run.total_steps
-            save = due(step, r.checkpoint_interval, last) or stop.requested
             lr = run.scheduler.get_last_lr()[0]
             step_loss, grad_norm, finite = train_step(run, batches)
             report.step(step, finite)
-            if report.nonfinite(step, force=save) >= r.max_nonfinite_steps:
+            last = step == run.total_steps
+            save = due(step, r.checkpoint_interval, last)
+            if report.nonfinite(step, force=save or stop.requested) >= r.max_nonfinite_steps:
                 status = "diverged"
                 break
             if due(step, r.log_interval, last):
@@ -400,8 +400,9 @@ def fit(run: Run, on_checkpoint=None) -> str:
             if run.hellaswag and due(step, r.hellaswag_interval or r.eval_interval, last):
                 report.hellaswag(step, score_hellaswag(a.unwrap_model(run.model).lm, run.tokenizer, run.hellaswag,
                                                        batch_size=run.micro, accelerator=a))
-            # never save (and rotate away the last good checkpoint) inside a non-finite streak
-            if save and (run.state["consecutive_nonfinite"] == 0 or stop.requested):
+            # never save (and rotate away the last good checkpoint) inside a non-finite streak; a
+            # signal (seen at any point of this step) always saves, so nothing is lost
+            if (save and run.state["consecutive_nonfinite"] == 0) or stop.requested:
                 path = save_checkpoint(run)
                 if on_checkpoint is not None:
                     on_checkpoint(path, step)
