@@ -219,7 +219,7 @@ def versions() -> dict:
     try:
         v["gpt2fit_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                              text=True).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/gpt2fit/prepare.py", "src/gpt2fit/data.py",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/gpt2fit/prepare/", "src/gpt2fit/formats.py",
                                 "scripts/bench_prepare.py"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         v["gpt2fit_uncommitted_changes"] = bool(dirty)  # prepare.py / data.py / this script differ from the commit
     except OSError:

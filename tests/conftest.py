@@ -54,7 +54,7 @@ def corpus_text() -> str:
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
     """A char-level prepared data dir (vocab < 256, fast to train on)."""
-    from gpt2fit.prepare.core import prepare
+    from gpt2fit.prepare import prepare
 
     d = tmp_path_factory.mktemp("data")
     src = d / "corpus.txt"

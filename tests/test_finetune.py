@@ -105,7 +105,7 @@ def test_failed_push_never_fails_training(base_model, docs, tmp_path):
 
 
 def test_token_files_from_another_tokenizer_are_refused(base_model, docs, tmp_path):
-    from gpt2fit.prepare.core import prepare
+    from gpt2fit.prepare import prepare
 
     prepare([str(docs)], str(tmp_path / "chars"), tokenizer="char", val_fraction=0.25, quiet=True)
     p = run_cli("train", "finetune-gpt2-medium-12gb", "--init_from", base_model, "--data_dir",

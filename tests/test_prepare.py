@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpt2fit.prepare.core as P
-from gpt2fit.formats import read_meta
+import gpt2fit.prepare.tokenizers as T
+from gpt2fit import options
 from gpt2fit.errors import UserError
+from gpt2fit.formats import read_meta
+from gpt2fit.prepare import command, prepare, shards
+from gpt2fit.prepare.encode import GPT2_PAT, tiktoken_encoding, tiktoken_params
 from gpt2fit.prepare.tokenizers import EOT, build_char_tokenizer, train_bpe
 
 from conftest import GPT2_TOKENIZER, SHAKESPEARE, corpus_text, need_shared, run_cli
@@ -114,8 +117,8 @@ def test_gpt2_tiktoken_ids_equal_the_fast_tokenizer_and_tiktokens_own_gpt2():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
-    enc = P.tiktoken_encoding(tok)
-    assert enc is not None, P.tiktoken_params(tok.backend_tokenizer.to_str())[1]
+    enc = tiktoken_encoding(tok)
+    assert enc is not None, tiktoken_params(tok.backend_tokenizer.to_str())[1]
     texts = VARIED + fuzz_strings(3000) + SHAKESPEARE.read_text().split("\n\n")[:2000] + [corpus_text()[:100_000]]
     ours = [enc.encode_ordinary(t) for t in texts]
     assert ours == hf_ordinary_ids(tok, texts)
@@ -133,7 +136,7 @@ def test_gpt2_tiktoken_ids_equal_the_fast_tokenizer_and_tiktokens_own_gpt2():
     ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256},
                             explicit_n_vocab=50257)
     assert ours == [ref.encode_ordinary(t) for t in texts]
-    assert P.tiktoken_params(tok.backend_tokenizer.to_str())[0]["mergeable_ranks"] == ranks
+    assert tiktoken_params(tok.backend_tokenizer.to_str())[0]["mergeable_ranks"] == ranks
 
 
 def test_tiktoken_get_encoding_gpt2_when_cached():
@@ -150,7 +153,7 @@ def test_tiktoken_get_encoding_gpt2_when_cached():
     from transformers import AutoTokenizer
 
     ref = tiktoken.get_encoding("gpt2")
-    enc = P.tiktoken_encoding(AutoTokenizer.from_pretrained(need_shared(GPT2_TOKENIZER)))
+    enc = tiktoken_encoding(AutoTokenizer.from_pretrained(need_shared(GPT2_TOKENIZER)))
     texts = VARIED + fuzz_strings(500)
     assert [enc.encode_ordinary(t) for t in texts] == [ref.encode_ordinary(t) for t in texts]
 
@@ -159,8 +162,8 @@ def test_quickstart_style_trained_bpe_is_eligible_with_identical_ids(bpe_tok):
     j = bpe_tok.backend_tokenizer.to_str()
     assert json.loads(j)["pre_tokenizer"] == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                               "use_regex": True}
-    enc = P.tiktoken_encoding(bpe_tok)
-    assert enc is not None, P.tiktoken_params(j)[1]
+    enc = tiktoken_encoding(bpe_tok)
+    assert enc is not None, tiktoken_params(j)[1]
     texts = VARIED + fuzz_strings(2000, seed=3) + [corpus_text()[:50_000]]
     assert [enc.encode_ordinary(t) for t in texts] == hf_ordinary_ids(bpe_tok, texts)
 
@@ -170,9 +173,9 @@ def test_eligibility_rules_and_split_regex_form():
     j = json.loads((GPT2_TOKENIZER / "tokenizer.json").read_text())
     # the same regex written as Split + ByteLevel(use_regex=False) is also GPT-2 style
     j2 = dict(j, pre_tokenizer={"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": P.GPT2_PAT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": GPT2_PAT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
-    params, why = P.tiktoken_params(json.dumps(j2))
+    params, why = tiktoken_params(json.dumps(j2))
     assert params is not None, why
     import tiktoken
     from tokenizers import Tokenizer
@@ -189,35 +192,28 @@ def test_eligibility_rules_and_split_regex_form():
         "order": dict(j, model=dict(j["model"], merges=list(reversed(j["model"]["merges"])))),
     }
     for name, jj in bad.items():
-        params, why = P.tiktoken_params(json.dumps(jj))
+        params, why = tiktoken_params(json.dumps(jj))
         assert params is None and why, name
     char = build_char_tokenizer("abc def")
-    assert P.tiktoken_encoding(char) is None
+    assert tiktoken_encoding(char) is None
 
 
 # ------------------------------------------------------------------------------------------
 # local sources, determinism, parallel workers
 # ------------------------------------------------------------------------------------------
-def test_output_is_the_contract_for_any_workers_and_chunking(tmp_path, bpe_tok, bpe_dir, docs, monkeypatch):
+def test_output_is_the_contract_for_any_workers_and_chunking(tmp_path, bpe_tok, bpe_dir, docs):
     src = write_jsonl(tmp_path / "docs.jsonl", docs + ["", "   "])
     exp = expected_splits(bpe_tok, docs, 0.1, seed=4)
     runs = {}
-
-    def cross_device(*a):  # the shards are concatenated by plain reads and writes then
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
     for name, kw in {"one": dict(workers=1), "many": dict(workers=2, chunk_chars=20_000)}.items():
-        with monkeypatch.context() as m:
-            if name == "many":
-                m.setattr(os, "copy_file_range", cross_device)
-            meta = P.prepare([str(src)], str(tmp_path / name), tokenizer=str(bpe_dir), val_fraction=0.1, seed=4,
-                             quiet=True, **kw)
+        meta = prepare([str(src)], str(tmp_path / name), tokenizer=str(bpe_dir), val_fraction=0.1, seed=4,
+                       quiet=True, **kw)
         runs[name] = meta
         for split in ("train", "val"):
             assert np.array_equal(read_split(tmp_path / name, split), exp[split]), (name, split)
         assert meta["encoder"]["kind"] == "tiktoken"
         assert meta["source"]["empty_skipped"] == 2 and meta["source"]["documents"] == len(docs)
-        assert not (tmp_path / name / P.SHARDS).exists()
+        assert not (tmp_path / name / shards.SHARDS).exists()
     assert runs["many"]["encoder"]["chunks"] > 5 and runs["many"]["encoder"]["workers"] == 2
     assert runs["one"]["splits"] == runs["many"]["splits"]
     assert runs["one"]["tokenizer"]["fingerprint"] == runs["many"]["tokenizer"]["fingerprint"]
@@ -226,8 +222,8 @@ def test_output_is_the_contract_for_any_workers_and_chunking(tmp_path, bpe_tok, 
 def test_fallback_encoder_for_char_tokenizer_and_special_string_is_text(tmp_path):
     texts = ["ab <|endoftext|> cd", "plain", "x<|endoftext|>"]
     src = write_jsonl(tmp_path / "d.jsonl", texts * 20)
-    meta = P.prepare([str(src)], str(tmp_path / "out"), tokenizer="char", val_fraction=0.2, seed=0, quiet=True,
-                     chunk_chars=100)
+    meta = prepare([str(src)], str(tmp_path / "out"), tokenizer="char", val_fraction=0.2, seed=0, quiet=True,
+                   chunk_chars=100)
     assert meta["encoder"]["kind"] == "tokenizers" and "not BPE" in meta["encoder"]["note"]
     eot = meta["tokenizer"]["eot_id"]
     ids = np.concatenate([read_split(tmp_path / "out", s) for s in ("train", "val")])
@@ -242,8 +238,8 @@ def test_csv_json_txt_sources_bad_bytes_and_empty_documents(tmp_path, bpe_dir, c
     (d / "c.jsonl").write_bytes(b'{"body": "ok"}\n{"body": "bad \xff byte"}\n{"body": "lone \\ud800 surrogate"}\n')
     (d / "d.txt").write_bytes(b"text file \xfe\n")
     (d / "e.txt").write_text("   \n")
-    meta = P.prepare([str(d)], str(tmp_path / "out"), tokenizer=str(bpe_dir), text_column="body",
-                     val_fraction=0.3, seed=2)
+    meta = prepare([str(d)], str(tmp_path / "out"), tokenizer=str(bpe_dir), text_column="body",
+                   val_fraction=0.3, seed=2)
     src = meta["source"]
     assert src["documents"] == 8 and src["empty_skipped"] == 3  # csv "", json null, empty txt
     assert src["documents_with_replaced_bytes"] == 4  # csv \xe9, jsonl \xff, lone surrogate, txt \xfe
@@ -274,7 +270,7 @@ def test_missing_text_column_names_the_columns(tmp_path, bpe_dir, kind):
 
         pq.write_table(pa.table({"content": ["y"], "title": ["x"]}), p)
     with pytest.raises(UserError, match=r"no text column 'text'; columns: \[.*'content'.*\]\. Pass --text_column"):
-        P.prepare([str(p)], str(tmp_path / "out"), tokenizer=str(bpe_dir), quiet=True)
+        prepare([str(p)], str(tmp_path / "out"), tokenizer=str(bpe_dir), quiet=True)
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
@@ -289,8 +285,8 @@ def test_vocab_above_65535_writes_uint32(tmp_path):
     tk.add_special_tokens([EOT])
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOT, unk_token=EOT).save_pretrained(tmp_path / "tok")
     texts = ["w1 w65535 w65536", "w69999 w2", "w3 w66000 w4"] * 10
-    meta = P.prepare([str(write_jsonl(tmp_path / "d.jsonl", texts))], str(tmp_path / "out"),
-                     tokenizer=str(tmp_path / "tok"), val_fraction=0.3, seed=1, quiet=True)
+    meta = prepare([str(write_jsonl(tmp_path / "d.jsonl", texts))], str(tmp_path / "out"),
+                   tokenizer=str(tmp_path / "tok"), val_fraction=0.3, seed=1, quiet=True)
     assert meta["dtype"] == "uint32" and meta["tokenizer"]["vocab_size"] == 70_001
     ids = np.concatenate([read_split(tmp_path / "out", s) for s in ("train", "val")])
     assert ids.dtype == np.uint32 and {65535, 65536, 66000, 69999, 70_000} <= set(ids.tolist())
@@ -319,8 +315,8 @@ def parquet_dataset(tmp_path, docs, monkeypatch):
 
 def test_dataset_source_own_val_split_streaming_and_max_tokens(tmp_path, bpe_tok, bpe_dir, parquet_dataset, docs):
     train_docs, val_docs = docs[:-20], docs[-20:]
-    full = P.prepare(None, str(tmp_path / "full"), dataset=str(parquet_dataset), streaming=True,
-                     val_split_name="validation", tokenizer=str(bpe_dir), chunk_chars=30_000, quiet=True)
+    full = prepare(None, str(tmp_path / "full"), dataset=str(parquet_dataset), streaming=True,
+                   val_split_name="validation", tokenizer=str(bpe_dir), chunk_chars=30_000, quiet=True)
     assert full["source"]["val_split"] == "validation" and full["source"]["streaming"]
     assert full["splits"]["val"]["documents"] == 20 and full["splits"]["train"]["documents"] == len(train_docs)
     eot = full["tokenizer"]["eot_id"]
@@ -328,17 +324,17 @@ def test_dataset_source_own_val_split_streaming_and_max_tokens(tmp_path, bpe_tok
         exp = np.array([i for x in hf_ordinary_ids(bpe_tok, texts) for i in x + [eot]])
         assert np.array_equal(read_split(tmp_path / "full", split), exp)
     # auto finds the validation split; a builder + data_files, not streamed, reads the same documents
-    auto = P.prepare(None, str(tmp_path / "auto"), dataset="parquet", val_split_name="auto",
-                     dataset_data_files=[str(parquet_dataset / "data" / "train-*.parquet")],
-                     tokenizer=str(bpe_dir), val_fraction=0.1, seed=3, quiet=True)
+    auto = prepare(None, str(tmp_path / "auto"), dataset="parquet", val_split_name="auto",
+                   dataset_data_files=[str(parquet_dataset / "data" / "train-*.parquet")],
+                   tokenizer=str(bpe_dir), val_fraction=0.1, seed=3, quiet=True)
     assert auto["source"]["val_split"] is None  # data_files gives one split: fall back to a fraction
     exp = expected_splits(bpe_tok, train_docs, 0.1, seed=3)
     assert np.array_equal(read_split(tmp_path / "auto", "train"), exp["train"])
     # --max_tokens: a prefix of the full output, cut after the document that reaches the cap
     cap = full["splits"]["train"]["tokens"] // 3
-    capped = P.prepare(None, str(tmp_path / "cap"), dataset=str(parquet_dataset), streaming=True,
-                       val_split_name="validation", tokenizer=str(bpe_dir), chunk_chars=30_000, max_tokens=cap,
-                       quiet=True)
+    capped = prepare(None, str(tmp_path / "cap"), dataset=str(parquet_dataset), streaming=True,
+                     val_split_name="validation", tokenizer=str(bpe_dir), chunk_chars=30_000, max_tokens=cap,
+                     quiet=True)
     t_full, t_cap = read_split(tmp_path / "full", "train"), read_split(tmp_path / "cap", "train")
     assert cap <= len(t_cap) < cap + 2000 and t_cap[-1] == eot
     assert np.array_equal(t_full[: len(t_cap)], t_cap)
@@ -349,17 +345,17 @@ def test_dataset_source_own_val_split_streaming_and_max_tokens(tmp_path, bpe_tok
 
 def test_dataset_errors_are_clear(tmp_path, parquet_dataset, bpe_dir):
     with pytest.raises(UserError, match=r"cannot reach the Hugging Face Hub for dataset 'nobody-xyz/no-such-set'"):
-        P.prepare(None, str(tmp_path / "o"), dataset="nobody-xyz/no-such-set", tokenizer=str(bpe_dir))
+        prepare(None, str(tmp_path / "o"), dataset="nobody-xyz/no-such-set", tokenizer=str(bpe_dir))
     with pytest.raises(UserError, match=r"--dataset_split 'dev' is not a split .* splits: \['train', 'validation'\]"):
-        P.prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), dataset_split="dev", streaming=True)
+        prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), dataset_split="dev", streaming=True)
     with pytest.raises(UserError, match=r"--val_split_name 'test' is not a split"):
-        P.prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), val_split_name="test", streaming=True)
+        prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), val_split_name="test", streaming=True)
     with pytest.raises(UserError, match=r"dataset '.*' split 'train': no text column 'body'; columns: \['id', 'text'\]"):
-        P.prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), text_column="body", streaming=True)
+        prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), text_column="body", streaming=True)
     with pytest.raises(UserError, match=r"--dataset_config 'nope' is not a config"):
-        P.prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), dataset_config="nope", streaming=True)
+        prepare(None, str(tmp_path / "o"), dataset=str(parquet_dataset), dataset_config="nope", streaming=True)
     with pytest.raises(UserError, match="exactly one source"):
-        P.prepare(["x.txt"], str(tmp_path / "o"), dataset="y")
+        prepare(["x.txt"], str(tmp_path / "o"), dataset="y")
 
 
 class _Hub(BaseHTTPRequestHandler):
@@ -409,40 +405,40 @@ def test_hub_missing_or_gated_dataset_is_a_user_error(tmp_path, status, code):
 def test_resume_after_the_process_dies_reuses_completed_chunks(tmp_path, bpe_dir, docs, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", docs)
     args = ["--input", src, "--tokenizer", bpe_dir, "--chunk_chars", "20000", "--val_fraction", "0.1", "--quiet"]
-    ref = P.prepare([str(src)], str(tmp_path / "ref"), tokenizer=str(bpe_dir), chunk_chars=20_000,
-                    val_fraction=0.1, quiet=True, workers=1)
+    ref = prepare([str(src)], str(tmp_path / "ref"), tokenizer=str(bpe_dir), chunk_chars=20_000,
+                  val_fraction=0.1, quiet=True, workers=1)
     out = tmp_path / "out"
-    r = run_cli("prepare", *args, "--out_dir", out, "--workers", "2", env={P.CRASH_ENV: "3"}, timeout=180)
+    r = run_cli("prepare", *args, "--out_dir", out, "--workers", "2", env={shards.CRASH_ENV: "3"}, timeout=180)
     assert r.returncode == 3, r.stderr[-2000:]  # died without cleanup, its worker processes with it
-    done = sorted(p.name[: -len(".done")] for p in (out / P.SHARDS).glob("*.done"))
+    done = sorted(p.name[: -len(".done")] for p in (out / shards.SHARDS).glob("*.done"))
     assert len(done) >= 3 and not (out / "meta.json").exists() and not (out / "train.bin").exists()
     redone = []
-    real = P.tokenize_chunk
-    monkeypatch.setattr(P, "tokenize_chunk", lambda name, *a: redone.append(name) or real(name, *a))
-    meta = P.prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, val_fraction=0.1,
-                     quiet=True, workers=1)  # same arguments (workers and quiet are not part of the key)
+    real = shards.tokenize_chunk
+    monkeypatch.setattr(shards, "tokenize_chunk", lambda name, *a: redone.append(name) or real(name, *a))
+    meta = prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, val_fraction=0.1,
+                   quiet=True, workers=1)  # same arguments (workers and quiet are not part of the key)
     assert not set(redone) & set(done) and len(redone) == ref["encoder"]["chunks"] - len(done)
     assert meta["encoder"]["chunks_resumed"] == len(done)
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (tmp_path / "ref" / f"{split}.bin").read_bytes()
-    assert meta["splits"] == ref["splits"] and not (out / P.SHARDS).exists()
+    assert meta["splits"] == ref["splits"] and not (out / shards.SHARDS).exists()
 
 
 def test_changed_arguments_start_over(tmp_path, bpe_dir, docs, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", docs)
-    monkeypatch.setenv(P.CRASH_ENV, "1")
-    monkeypatch.setattr(P.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setenv(shards.CRASH_ENV, "1")
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
     with pytest.raises(SystemExit):
-        P.prepare([str(src)], str(tmp_path / "o"), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
-    monkeypatch.delenv(P.CRASH_ENV)
-    meta = P.prepare([str(src)], str(tmp_path / "o"), tokenizer=str(bpe_dir), chunk_chars=20_000, seed=99,
-                     quiet=True, workers=1)
+        prepare([str(src)], str(tmp_path / "o"), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
+    monkeypatch.delenv(shards.CRASH_ENV)
+    meta = prepare([str(src)], str(tmp_path / "o"), tokenizer=str(bpe_dir), chunk_chars=20_000, seed=99,
+                   quiet=True, workers=1)
     assert meta["encoder"]["chunks_resumed"] == 0  # another seed: the old shards are not reused
 
 
 def test_disk_full_marks_no_incomplete_chunk_and_resumes(tmp_path, bpe_dir, docs, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", docs)
-    real, calls = P._fsync_write, []
+    real, calls = shards._fsync_write, []
 
     def full_on_second_chunk(path, data):
         calls.append(path.name)
@@ -450,15 +446,15 @@ def test_disk_full_marks_no_incomplete_chunk_and_resumes(tmp_path, bpe_dir, docs
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(P, "_fsync_write", full_on_second_chunk)
+    monkeypatch.setattr(shards, "_fsync_write", full_on_second_chunk)
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"cannot write .*d000001.*: No space left on device \(disk full\?\)"):
-        P.prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
-    shards = out / P.SHARDS
-    assert (shards / "d000000.done").exists() and not (shards / "d000001.done").exists()
-    assert not (shards / "d000001.train.bin").exists() and not (out / "meta.json").exists()
-    monkeypatch.setattr(P, "_fsync_write", real)
-    meta = P.prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
+        prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
+    shard_dir = out / shards.SHARDS
+    assert (shard_dir / "d000000.done").exists() and not (shard_dir / "d000001.done").exists()
+    assert not (shard_dir / "d000001.train.bin").exists() and not (out / "meta.json").exists()
+    monkeypatch.setattr(shards, "_fsync_write", real)
+    meta = prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
     assert meta["encoder"]["chunks_resumed"] == 1
 
 
@@ -472,13 +468,13 @@ def test_real_full_disk_on_a_tiny_tmpfs(tmp_path, bpe_dir):
         text = corpus_text()
         src = write_jsonl(tmp_path / "d.jsonl", [text[i:i + 3000] for i in range(0, len(text), 3000)] * 3)
         with pytest.raises(UserError, match=r"No space left on device \(disk full\?\)"):
-            P.prepare([str(src)], str(mnt / "out"), tokenizer="char", chunk_chars=100_000, quiet=True, workers=1)
-        shards = mnt / "out" / P.SHARDS
-        for marker in shards.glob("*.done"):  # every chunk marked complete is complete
+            prepare([str(src)], str(mnt / "out"), tokenizer="char", chunk_chars=100_000, quiet=True, workers=1)
+        shard_dir = mnt / "out" / shards.SHARDS
+        for marker in shard_dir.glob("*.done"):  # every chunk marked complete is complete
             m = json.loads(marker.read_text())
             name = marker.name[: -len(".done")]
             for split in ("train", "val"):
-                f = shards / f"{name}.{split}.bin"
+                f = shard_dir / f"{name}.{split}.bin"
                 assert (f.stat().st_size if f.exists() else 0) == m[f"{split}_tokens"] * 2  # uint16
         assert not (mnt / "out" / "meta.json").exists()
     finally:
@@ -489,8 +485,6 @@ def test_real_full_disk_on_a_tiny_tmpfs(tmp_path, bpe_dir):
 # tokenizer training, CLI
 # ------------------------------------------------------------------------------------------
 def test_bpe_training_streams_a_bounded_sample(tmp_path, docs, monkeypatch):
-    import gpt2fit.prepare.tokenizers as T
-
     seen = {}
     real = T.train_bpe
 
@@ -505,27 +499,54 @@ def test_bpe_training_streams_a_bounded_sample(tmp_path, docs, monkeypatch):
 
     monkeypatch.setattr(T, "train_bpe", spy)
     src = write_jsonl(tmp_path / "d.jsonl", docs)
-    meta = P.prepare([str(src)], str(tmp_path / "o"), tokenizer="bpe", vocab_size=300, tokenizer_train_docs=40,
-                     quiet=True, workers=1)
+    meta = prepare([str(src)], str(tmp_path / "o"), tokenizer="bpe", vocab_size=300, tokenizer_train_docs=40,
+                   quiet=True, workers=1)
     assert seen["n"] == 40 and meta["source"]["tokenizer_train_docs"] == 40
     assert meta["tokenizer"]["kind"] == "bpe" and meta["tokenizer"]["vocab_size"] == 300
     assert meta["encoder"]["kind"] == "tiktoken"
 
 
 def test_every_cli_flag_has_help():
-    p = P.build_prepare_parser()
+    p = options.make_parser(command.PROG, command.SECTIONS, description=command.DESCRIPTION)
     for action in p._actions:
         if action.dest != "help":
             assert action.help and action.help != "==SUPPRESS==", action.dest
-    from gpt2fit.prepare.core import build_prepare_parser, main
-
-    assert build_prepare_parser() is not None and main is not None
 
 
-def test_max_tokens_flag_takes_the_same_counts_as_training():
+def test_cli_flags_reach_prepare_and_counts_take_the_same_forms_as_training():
     """The README's `--max_tokens 10B` once failed here: prepare parsed counts with int(float())."""
-    from gpt2fit.prepare.core import build_prepare_parser
+    import inspect
 
-    parse = build_prepare_parser().parse_args
+    base = ["--input", "x", "--out_dir", "o"]
     for text, n in (("10B", 10**10), ("2.5M", 2_500_000), ("1e9", 10**9), ("300k", 300_000)):
-        assert parse(["--input", "x", "--out_dir", "o", "--max_tokens", text]).max_tokens == n
+        assert command.parse_args(base + ["--max_tokens", text])["max_tokens"] == n
+    params = inspect.signature(prepare).parameters
+    defaults = command.parse_args(base)
+    assert set(defaults) == set(params)  # every flag is an argument of prepare(), and the reverse
+    assert all(defaults[k] == params[k].default for k in params if k not in ("inputs", "out_dir"))
+    kw = command.parse_args(base + ["--no_tiktoken", "--no_resume", "--streaming", "--quiet", "--workers", "3",
+                                    "--chunk_chars", "20k", "--tokenizer_train_chars", "none", "--input", "a", "b"])
+    assert (kw["use_tiktoken"], kw["resume"], kw["streaming"], kw["quiet"]) == (False, False, True, True)
+    assert (kw["workers"], kw["chunk_chars"], kw["tokenizer_train_chars"]) == (3, 20_000, None)
+    assert kw["inputs"] == ["x", "a", "b"]  # a repeated --input adds to the list
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max_tokens", "0"], "--max_tokens must be a positive count"),
+    (["--max_tokens", "nan"], "--max_tokens: cannot read count 'nan'"),
+    (["--chunk_chars", "1.5"], "--chunk_chars: count '1.5' is not a whole number"),
+    (["--val_fraction", "inf"], "val_fraction=inf .* not a finite number"),
+    (["--val_fraction", "1.5"], "val_fraction=1.5 must be between 0 and 1"),
+    (["--split", "lines"], "split='lines' .* not one of documents, chars"),
+    (["--workers", "0"], "workers=0 must be >= 1"),
+    (["--max_token", "5"], "unknown flag --max_token. Did you mean 'max_tokens'"),
+])
+def test_bad_cli_values_are_refused_up_front(tmp_path, argv, match):
+    with pytest.raises(UserError, match=match):
+        command.main(["--input", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o"), *argv])
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_is_required():
+    with pytest.raises(UserError, match="--out_dir is required"):
+        command.main(["--input", "stdlib"])

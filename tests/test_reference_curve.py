@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_rows, tiny_flags
-from gpt2fit.prepare.core import prepare
+from gpt2fit.prepare import prepare
 from gpt2fit.train.command import main as train_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
