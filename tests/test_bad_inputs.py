@@ -8,12 +8,14 @@ module fixture runs them all up front, a few at a time, and one test per case ch
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +111,25 @@ def world(char_data, tmp_path_factory) -> World:
     d_noval = data_copy("no_val", lambda d: (d / "val.bin").unlink())
     d_badtok = data_copy("bad_tokenizer", lambda d: (d / "tokenizer" / "tokenizer.json").write_text("\x00garbage{"))
 
+    def poke_id(d: Path, token_id: int) -> None:  # one token id past the vocab, mid-file
+        ids = np.fromfile(d / "train.bin", dtype=np.uint16)
+        ids[len(ids) // 2] = token_id
+        ids.tofile(d / "train.bin")
+
+    vocab = meta["tokenizer"]["vocab_size"]
+    d_big_id = data_copy("id_past_vocab", lambda d: poke_id(d, vocab + 5))
+    d_small_vocab = data_copy("meta_vocab_too_small",
+                              lambda d: write_meta(d, lambda m: m["tokenizer"].update(vocab_size=vocab // 2)))
+
+    def one_val_token(d: Path) -> None:
+        (d / "val.bin").write_bytes(np.array([1], dtype=np.uint16).tobytes())
+        write_meta(d, lambda m: m["splits"]["val"].update(tokens=1))
+
+    d_tiny_val = data_copy("tiny_val", one_val_token)
+    missing_tracker = next(t for t in ("wandb", "trackio") if importlib.util.find_spec(t) is None)
+    a_file = root / "a_file"
+    a_file.write_text("not a directory\n")
+
     models = root / "models"
     small_vocab = tiny_model(models / "small_vocab", vocab_size=20)
     short_ctx = tiny_model(models / "short_ctx", n_positions=16)
@@ -121,6 +142,11 @@ def world(char_data, tmp_path_factory) -> World:
 
     torch.save(load_file(pickle_only / "model.safetensors"), pickle_only / "pytorch_model.bin")
     (pickle_only / "model.safetensors").unlink()
+    cut_weights = tiny_model(models / "cut_weights")
+    truncate(cut_weights / "model.safetensors", (cut_weights / "model.safetensors").stat().st_size // 2)
+    wrong_config = tiny_model(models / "wrong_config", vocab_size=128)
+    cfg_json = json.loads((wrong_config / "config.json").read_text())
+    (wrong_config / "config.json").write_text(json.dumps({**cfg_json, "n_embd": 32}))
     not_gpt2 = models / "not_gpt2"
     not_gpt2.mkdir(parents=True)
     (not_gpt2 / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -136,6 +162,10 @@ def world(char_data, tmp_path_factory) -> World:
     damaged = run_copy("damaged_run", lambda d: truncate(d / ck / "model.safetensors",
                                                          (d / ck / "model.safetensors").stat().st_size // 2))
     no_manifest = run_copy("no_manifest_run", lambda d: (d / ck / "MANIFEST.json").unlink())
+    zeroed = run_copy("zeroed_optimizer_run", lambda d: (d / ck / "optimizer.bin").write_bytes(
+        bytes((d / ck / "optimizer.bin").stat().st_size)))  # same size, every byte 0
+    bad_final = run_copy("bad_final_run", lambda d: (d / "final" / "model.safetensors").write_bytes(
+        b"\xff" * (d / "final" / "model.safetensors").stat().st_size))
 
     recipes = root / "recipes"
     recipes.mkdir()
@@ -158,7 +188,7 @@ def world(char_data, tmp_path_factory) -> World:
         out = out or new(name)
         return Case(name, ["train", *tiny_flags(data, out, max_steps=over.pop("max_steps", 3), **over)], fragment,
                     [data, *untouched] if data != char_data else list(untouched),
-                    [] if out in (good_run, damaged, no_manifest) else [out])
+                    [] if out in (good_run, damaged, no_manifest, zeroed, a_file) else [out])
 
     cases = [
         # data dir
@@ -174,7 +204,23 @@ def world(char_data, tmp_path_factory) -> World:
         T("meta_missing_keys", "meta.json is corrupt", data=d_nokeys),
         T("missing_val_file", "val.bin is missing", data=d_noval),
         T("corrupt_tokenizer", "cannot load tokenizer", data=d_badtok),
+        T("token_id_past_vocab", f"holds token id {vocab + 5} but the model's vocabulary has {vocab} ids",
+          data=d_big_id),
+        T("meta_vocab_too_small", f"but the model's vocabulary has {vocab // 2} ids", data=d_small_vocab),
+        T("val_split_too_short", "val.bin holds 1 token(s); validation needs at least 2", data=d_tiny_val),
+        # numbers that are not numbers, paths of the wrong kind, trackers that are not installed
+        T("learning_rate_nan", "learning_rate=nan in the command line is not a finite number", learning_rate="nan"),
+        T("max_steps_inf", "max_steps='inf' in the command line is not a valid int", max_steps="inf"),
+        T("seed_negative", "seed=-1 must be >= 0", seed=-1),
+        T("seed_too_large", f"seed={2**40} must be <= {2**32 - 1}", seed=2**40),
+        T("out_dir_is_a_file", "is a file, not a directory", out=a_file, untouched=[a_file]),
+        T("tracker_not_installed", f"report_to={missing_tracker} needs the {missing_tracker} package",
+          report_to=missing_tracker),
         # init_from
+        T("init_from_truncated_weights", f"{cut_weights / 'model.safetensors'} is damaged", untouched=[cut_weights],
+          **no_shape(init_from=cut_weights)),
+        T("init_from_config_mismatch", f"{wrong_config / 'config.json'} does not match the weights",
+          untouched=[wrong_config], **no_shape(init_from=wrong_config)),
         T("vocab_mismatch", "the data's vocab (97) is larger than", untouched=[small_vocab],
           **no_shape(init_from=small_vocab)),
         T("block_size_above_n_positions", "block_size=32 exceeds", untouched=[short_ctx],
@@ -214,7 +260,13 @@ def world(char_data, tmp_path_factory) -> World:
           resume="auto", n_layer=3),
         T("resume_missing_path", "no such checkpoint dir", out=good_run, resume=good_run / "checkpoints/step_9"),
         T("resume_truncated_safetensors",
-          f"{damaged / ck} is damaged: model.safetensors is", out=damaged, untouched=[damaged], resume="auto"),
+          f"{damaged / ck} is damaged: model.safetensors is", out=damaged, untouched=[damaged], resume=damaged / ck),
+        T("resume_zeroed_optimizer_same_size", "optimizer.bin does not match the hash recorded when it was saved",
+          out=zeroed, untouched=[zeroed], resume=zeroed / ck),
+        Case("eval_damaged_final", ["eval", bad_final, "--data_dir", char_data],
+             f"{bad_final / 'final' / 'model.safetensors'} is damaged", untouched=[bad_final]),
+        Case("sample_damaged_final", ["sample", bad_final, "--max_new_tokens", "3"],
+             f"{bad_final / 'final' / 'model.safetensors'} is damaged", untouched=[bad_final]),
         T("resume_path_without_manifest", "is incomplete (no MANIFEST.json)", out=no_manifest,
           untouched=[no_manifest], resume=no_manifest / ck),
         # prepare
@@ -251,7 +303,10 @@ CASE_IDS = [
     "bool_given_text", "bad_choice", "micro_batch_zero", "learning_rate_negative", "block_size_zero",
     "max_steps_negative", "no_stopping_point", "host_sync_log_with_8bit", "bias_false_with_init_from", "out_dir_holds_a_run", "resume_and_overwrite",
     "resume_changed_model_shape", "resume_missing_path", "resume_truncated_safetensors",
-    "resume_path_without_manifest", "prepare_missing_input", "prepare_no_text", "prepare_over_prepared_data",
+    "resume_path_without_manifest", "token_id_past_vocab", "meta_vocab_too_small", "val_split_too_short",
+    "learning_rate_nan", "max_steps_inf", "seed_negative", "seed_too_large", "out_dir_is_a_file",
+    "tracker_not_installed", "init_from_truncated_weights", "init_from_config_mismatch",
+    "resume_zeroed_optimizer_same_size", "eval_damaged_final", "sample_damaged_final", "prepare_missing_input", "prepare_no_text", "prepare_over_prepared_data",
     "prepare_bad_val_fraction",
 ]
 

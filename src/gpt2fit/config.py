@@ -139,7 +139,7 @@ class RunArgs:
     resume: str | None = f(None, "'auto' = continue from the newest complete checkpoint in out_dir; or a "
                                  "checkpoint path.")
     overwrite: bool = f(False, "Delete an earlier run in out_dir and start fresh.")
-    seed: int = f(1337, "Seed for weights, data order and dropout.")
+    seed: int = f(1337, "Seed for weights, data order and dropout.", minimum=0, maximum=2**32 - 1)
     mixed_precision: str = f("auto", "bf16, fp16, no, or auto (bf16 on GPUs that support it, else no).",
                              choices=("auto", "bf16", "fp16", "no"))
     tf32: bool = f(True, "Allow TF32 matmuls on CUDA (Ampere and newer).")

@@ -53,15 +53,24 @@ META_FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to ``path`` so a reader sees the old file or the new one, never half of one."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` so a reader (or a kill) sees the old file or the new one, never half of one:
+    write a temporary file, fsync it, rename it over the old one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: leave no half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 # -- data dir ---------------------------------------------------------------------------------
@@ -116,6 +125,16 @@ def open_split(data_dir: str | os.PathLike, split: str, meta: dict | None = None
         raise UserError(f"{path} holds {size} bytes but meta.json says {expected} {dtype.name} tokens; the "
                         "file is truncated or from another prepare run. Prepare the data again.")
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_token_ids(path: str | os.PathLike, data: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> None:
+    """Refuse a token file holding an id the model has no embedding for (a chunked max over the
+    memmap: one sequential read, 64M tokens at a time)."""
+    top = max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+    if top >= vocab_size:
+        raise UserError(f"{path} holds token id {top} but the model's vocabulary has {vocab_size} ids; the data "
+                        "was prepared with another tokenizer or meta.json's vocab_size is wrong. Prepare the "
+                        "data again with the model's tokenizer.")
 
 
 # -- run dir ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gpt2fit.errors import UserError
@@ -47,6 +48,23 @@ def check_model_path(path_or_id) -> str:
     return model_path
 
 
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
+def load_error(name, model_path, e: Exception) -> UserError:
+    """One line for a model that does not load: which file, what is wrong, what to do."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    if isinstance(e, SafetensorError):  # truncated or overwritten: safetensors cannot read its header
+        return UserError(f"{weights[0] if len(weights) == 1 else model_path} is damaged ({first}); copy or "
+                         "export the model again (a run's final/ is rewritten by training to the end).")
+    if isinstance(e, RuntimeError) and "mismatch" in first.lower() + str(e).lower():
+        return UserError(f"{Path(model_path) / 'config.json'} does not match the weights in {model_path} (tensor "
+                         "shapes differ); restore the config.json saved with these weights.")
+    return UserError(f"cannot load model {name}: {first}. Pass a run dir (with {FINAL}/), a model dir with "
+                     "config.json, or a Hub id (offline? unset HF_HUB_OFFLINE or download it first).")
+
+
 def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
     """``(model, tokenizer)`` from a run dir (its ``final/``), a model dir or a Hub id.
 
@@ -66,10 +84,8 @@ def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
     device = device if isinstance(device, torch.device) else resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {path_or_id}: {first}\npass a run dir (with {FINAL}/), a model dir "
-                        "with config.json, or a Hub id (offline? set HF_HUB_OFFLINE=0 or download it first)") from e
+    except LOAD_ERRORS as e:
+        raise load_error(path_or_id, model_path, e) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError, KeyError):  # no tokenizer files: fine for perplexity

@@ -34,7 +34,7 @@ from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_count
 from gpt2fit.errors import UserError
 from gpt2fit.evaluate.hellaswag import hellaswag_subset, load_hellaswag, score_hellaswag
 from gpt2fit.evaluate.perplexity import windowed_loss
-from gpt2fit.prepare.core import prepare
+from gpt2fit.prepare import prepare
 from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
 from gpt2fit.train import checkpoint as ckpt
 from gpt2fit.train.autobatch import auto_micro_batch
@@ -107,6 +107,9 @@ def preflight(cfg: TrainConfig):
                     f"`gpt2fit prepare --tokenizer {cfg.model.init_from} --input ... --out_dir ...`.")
             if base_tok is not None:
                 tokenizer = base_tok
+    if len(val_data) < 2:
+        raise UserError(f"{cfg.data.data_dir}/val.bin holds {len(val_data)} token(s); validation needs at least 2. "
+                        "Prepare with a larger --val_fraction.")
     vocab = int(meta["tokenizer"]["vocab_size"])
     if cfg.model.preset is None and cfg.model.init_from is None and cfg.model.n_layer is None:
         raise UserError("no model given: set --preset (gpt2, gpt2-medium, ...), --init_from, or "
@@ -128,6 +131,8 @@ def prepare_data(cfg: TrainConfig) -> None:
 def prepare_out_dir(cfg: TrainConfig, accelerator) -> tuple[Path | None, dict | None]:
     """Refuse to clobber another run; return the checkpoint to resume from and its state (or Nones)."""
     out = Path(cfg.run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir {str(out)!r} is a file, not a directory; choose another --out_dir.")
     has_run = any((out / p).exists() for p in (formats.CONFIG, formats.METRICS, formats.CHECKPOINTS, formats.FINAL))
     resume_from, state = ckpt.find_resume(accelerator, out, cfg.run.resume)
     # killed before its first checkpoint: nothing to lose, so `--resume auto` starts it over
@@ -170,11 +175,10 @@ def make_accelerator(cfg: TrainConfig):
     trackers = [t.strip() for t in cfg.run.report_to.split(",") if t.strip() not in ("none", "")]
     if trackers == ["auto"]:
         trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    elif trackers == ["tensorboard"]:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError("report_to=tensorboard needs tensorboard: pip install tensorboard") from None
+    for name in trackers:  # Accelerate only warns and trains without the tracker: refuse it here instead
+        if name not in ("all",) and importlib.util.find_spec(name) is None:
+            raise UserError(f"report_to={name} needs the {name} package: pip install {name}; or use "
+                            "--report_to none.")
     m = cfg.model
     # Accelerate keeps mixed precision and the dynamo plugin in a process-wide singleton that a
     # second Accelerator would silently reuse: give every run (main() called twice in one
@@ -215,6 +219,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.model.block_size > lm.config.n_positions:
         raise UserError(f"block_size={cfg.model.block_size} exceeds the model's n_positions="
                         f"{lm.config.n_positions}; lower --block_size.")
+    for split, data in (("train", train_data), ("val", val_data)):  # an id past the vocab fails mid-step
+        formats.check_token_ids(Path(cfg.data.data_dir) / f"{split}.bin", data, lm.config.vocab_size)
     model = CausalLM(lm, cfg.model.loss_chunk_size)
     world = accelerator.num_processes
     micro = micro_batch(cfg)
@@ -259,7 +265,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.start_step = run.state["step"]
         run.log.truncate_after(run.start_step)
     if accelerator.is_main_process:
-        (run.out_dir / formats.CONFIG).write_text(cfg.to_yaml())
+        formats.write_text_atomic(run.out_dir / formats.CONFIG, cfg.to_yaml())
     announce(run, resume_from)
     return run
 

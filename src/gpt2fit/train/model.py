@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 from gpt2fit import formats
 from gpt2fit.config import PRESETS
 from gpt2fit.errors import UserError
+from gpt2fit.evaluate.model import LOAD_ERRORS, load_error
 from gpt2fit.train.loss import lm_loss
 
 # GPT-2's tanh-approximated GELU as one op: the same function as HF's "gelu_new", which is built
@@ -88,8 +89,8 @@ def load_pretrained(init_from: str, margs):
         model = AutoModelForCausalLM.from_pretrained(
             src, config=config, dtype=torch.float32, attn_implementation=_attn_impl(margs.attn_implementation),
             use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load weights of {init_from!r}: {str(e).splitlines()[0]}") from None
+    except LOAD_ERRORS as e:
+        raise load_error(init_from, src, e) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
