@@ -46,13 +46,15 @@ def test_unknown_recipe_key_suggests(tmp_path):
 
 
 def test_help_has_text_for_every_flag(capsys):
+    """Every training field's own help text (not the "(default: ...)" the builder appends) is a real
+    sentence, and the rendered --help shows every flag with it."""
     from gpt2fit.config import FIELDS, build_parser
 
-    parser = build_parser()
-    for action in parser._actions:
-        if action.dest not in ("help",):
-            assert action.help and len(action.help) > 10, action.dest
-    assert {a.dest for a in parser._actions} >= set(FIELDS)
+    text = " ".join(build_parser().format_help().split())
+    for name, (_, fl, _) in FIELDS.items():
+        own = fl.metadata.get("help", "")
+        assert len(own) > 10 and own.rstrip().endswith((".", ")")), (name, own)
+        assert f"--{name}" in text and " ".join(own.split())[:40] in text, name
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "sample", "plan", "eval", "plot", "push", "bench",
@@ -78,3 +80,18 @@ def test_train_script_help_renders():
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "75% less" in " ".join(r.stdout.split())  # the literal '%' survives formatting
+
+
+def test_a_runs_config_yaml_is_a_recipe(tmp_path):
+    """Re-running a run from its saved config: config.yaml (which records `recipe:`) parses back to the
+    same settings, positionally or as --config, and flags still win."""
+    cfg, _ = parse_config(["quickstart", "--max_steps", "7", "--learning_rate", "2.0e-3"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again, _ = parse_config([str(saved)])
+    assert {k: v for k, v in again.to_flat().items() if k != "recipe"} == \
+        {k: v for k, v in cfg.to_flat().items() if k != "recipe"}
+    flagged, _ = parse_config(["--config", str(saved), "--max_steps", "9"])
+    assert flagged.run.max_steps == 9 and flagged.optim.learning_rate == 2.0e-3
+    with pytest.raises(UserError, match="two recipes given"):
+        parse_config(["quickstart", "--config", str(saved)])
