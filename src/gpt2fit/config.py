@@ -42,14 +42,14 @@ class ModelArgs:
                            choices=tuple(PRESETS))
     init_from: str | None = f(None, "Finetune instead: a Hub id (gpt2-medium) or a local model dir "
                                     "(or a gpt2fit run dir) to load weights from.")
-    n_layer: int | None = f(None, "Transformer blocks, for a custom small model (overrides the preset).")
-    n_head: int | None = f(None, "Attention heads, for a custom small model.")
-    n_embd: int | None = f(None, "Hidden width, for a custom small model.")
-    block_size: int = f(1024, "Context length in tokens per training sequence (<= the model's n_positions).")
+    n_layer: int | None = f(None, "Transformer blocks, for a custom small model (overrides the preset).", minimum=1)
+    n_head: int | None = f(None, "Attention heads, for a custom small model.", minimum=1)
+    n_embd: int | None = f(None, "Hidden width, for a custom small model.", minimum=1)
+    block_size: int = f(1024, "Context length in tokens per training sequence (<= the model's n_positions).", minimum=1)
     dropout: float = f(0.0, "Dropout on embeddings, attention and residuals (0 for pretraining; 0.1-0.2 "
-                            "for small data).")
+                            "for small data).", minimum=0)
     pad_vocab_to: int = f(1, "Pad the embedding rows to a multiple of this (64 speeds up GPU matmuls); "
-                             "extra rows are never predicted by the data.")
+                             "extra rows are never predicted by the data.", minimum=1)
     attn_implementation: str = f("sdpa", "Attention kernel: sdpa (PyTorch flash/efficient), "
                                          "flash_attention_2 (needs flash-attn), eager.",
                                  choices=("sdpa", "flash_attention_2", "eager"))
@@ -70,7 +70,7 @@ class ModelArgs:
                                      "launches, more memory), max-autotune, max-autotune-no-cudagraphs.",
                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     loss_chunk_size: int = f(0, "Compute the loss over this many tokens at a time so the full fp32 logits "
-                                "(206 MB per 1024 tokens for GPT-2) never exist; 0 = plain loss.")
+                                "(206 MB per 1024 tokens for GPT-2) never exist; 0 = plain loss.", minimum=0)
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DataArgs:
     sampling: str = f("shuffle", "How training windows are drawn: shuffle = every block of the data once "
                                  "per epoch, seeded order and offset; random = independent random offsets "
                                  "(nanoGPT).", choices=("shuffle", "random"))
-    num_workers: int = f(0, "DataLoader worker processes (0 = load in the training process).")
+    num_workers: int = f(0, "DataLoader worker processes (0 = load in the training process).", minimum=0)
     pin_memory: bool = f(True, "On CUDA, put batches in pinned host memory so the copy to the GPU runs "
                                "asynchronously (non_blocking).")
 
@@ -98,23 +98,24 @@ class OptimArgs:
     optimizer: str = f("adamw", "adamw (torch, fused on CUDA), adamw8bit or paged_adamw8bit (bitsandbytes; "
                                 "~75% less optimizer memory).",
                        choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    learning_rate: float = f(6.0e-4, "Peak learning rate.")
-    min_lr: float = f(6.0e-5, "Learning rate at the end of the decay.")
+    learning_rate: float = f(6.0e-4, "Peak learning rate.", minimum=0)
+    min_lr: float = f(6.0e-5, "Learning rate at the end of the decay.", minimum=0)
     lr_schedule: str = f("cosine", "cosine = warmup then cosine to min_lr; wsd = warmup-stable-decay; "
                                    "constant = warmup then flat.", choices=("cosine", "wsd", "constant"))
-    warmup_steps: int = f(100, "Optimizer steps of linear warmup.")
-    lr_decay_steps: int | None = f(None, "Steps over which the LR decays to min_lr (default: the run length).")
+    warmup_steps: int = f(100, "Optimizer steps of linear warmup.", minimum=0)
+    lr_decay_steps: int | None = f(None, "Steps over which the LR decays to min_lr (default: the run length).",
+                                   minimum=1)
     wsd_decay_fraction: float = f(0.2, "wsd only: fraction of the run spent in the final decay.")
     weight_decay: float = f(0.1, "AdamW weight decay, applied to 2-D weight matrices only (not biases, "
-                                 "LayerNorms).")
+                                 "LayerNorms).", minimum=0)
     beta1: float = f(0.9, "AdamW beta1.")
     beta2: float = f(0.95, "AdamW beta2.")
     eps: float = f(1.0e-8, "AdamW epsilon.")
-    grad_clip: float = f(1.0, "Clip the global gradient norm to this (0 = off).")
+    grad_clip: float = f(1.0, "Clip the global gradient norm to this (0 = off).", minimum=0)
     micro_batch_size: str = f("8", "Sequences per forward/backward on each process, or 'auto' for the largest "
                                    "that fits.")
     grad_accum_steps: int = f(1, "Micro-batches accumulated per optimizer step (ignored when tokens_per_step "
-                                 "is set).")
+                                 "is set).", minimum=1)
     tokens_per_step: str | None = f(None, "Target tokens per optimizer step (e.g. 0.5M); sets grad_accum_steps "
                                           "= ceil(target / (micro_batch * block * processes)).")
 
@@ -122,20 +123,22 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     out_dir: str = f("runs/default", "Run dir: config.yaml, metrics.jsonl, checkpoints/, final/.")
-    max_steps: int | None = f(None, "Stop after this many optimizer steps.")
+    max_steps: int | None = f(None, "Stop after this many optimizer steps.", minimum=1)
     max_tokens: str | None = f(None, "Stop after this many training tokens (10B, 300M, 2.5e9 accepted).")
     epochs: float | None = f(None, "Stop after this many passes over train.bin (for small finetuning data).")
-    eval_interval: int = f(250, "Run validation every N optimizer steps (and at the end).")
+    eval_interval: int = f(250, "Run validation every N optimizer steps (and at the end).", minimum=1)
     eval_batches: int = f(20, "Validation micro-batches per evaluation (the same fixed windows every time); "
-                              "0 = the whole val split.")
+                              "0 = the whole val split.", minimum=0)
     eval_before_training: bool = f(False, "Validate once before the first step (shows the starting loss).")
     hellaswag: str | None = f(None, "Score HellaSwag during training (like llm.c): hellaswag_val.jsonl or a "
                                     "Hub dataset id (Rowan/hellaswag).")
-    hellaswag_interval: int = f(0, "Score HellaSwag every N optimizer steps and at the end (0 = at eval_interval).")
-    hellaswag_examples: int = f(500, "Examples in the fixed, seeded HellaSwag subset (0 = all 10,042).")
-    log_interval: int = f(10, "Log loss/LR/throughput every N optimizer steps (the only host syncs).")
-    checkpoint_interval: int = f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).")
-    keep_checkpoints: int = f(2, "Keep the newest K checkpoints; older ones are deleted.")
+    hellaswag_interval: int = f(0, "Score HellaSwag every N optimizer steps and at the end (0 = at eval_interval).",
+                                minimum=0)
+    hellaswag_examples: int = f(500, "Examples in the fixed, seeded HellaSwag subset (0 = all 10,042).", minimum=0)
+    log_interval: int = f(10, "Log loss/LR/throughput every N optimizer steps (the only host syncs).", minimum=1)
+    checkpoint_interval: int = f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).",
+                                 minimum=0)
+    keep_checkpoints: int = f(2, "Keep the newest K checkpoints; older ones are deleted.", minimum=1)
     resume: str | None = f(None, "'auto' = continue from the newest complete checkpoint in out_dir; or a "
                                  "checkpoint path.")
     overwrite: bool = f(False, "Delete an earlier run in out_dir and start fresh.")
@@ -146,17 +149,18 @@ class RunArgs:
     report_to: str = f("auto", "Trackers, comma-separated: tensorboard, wandb, trackio, all, none; auto = "
                                "tensorboard when it is installed (logs under out_dir).")
     max_nonfinite_steps: int = f(5, "Stop the run after this many non-finite (NaN/inf) steps in a row; each one "
-                                    "is skipped, not applied.")
+                                    "is skipped, not applied.", minimum=1)
     host_sync: str = f("step", "When the host learns whether a step was finite: step = after every optimizer "
                                "step (one GPU sync a step; any optimizer); log = only at log/eval/checkpoint "
                                "steps, with non-finite updates skipped on the GPU by fused AdamW (optimizer "
                                "adamw, not fp16); the K-in-a-row stop then acts at the next check.",
                        choices=("step", "log"))
-    spike_factor: float = f(2.0, "Log a loss spike when the loss exceeds this multiple of its running mean.")
+    spike_factor: float = f(2.0, "Log a loss spike when the loss exceeds this multiple of its running mean.",
+                            minimum=0, exclusive=True)
     max_memory: str | None = f(None, "Cap the CUDA memory this process may use (e.g. 12GiB) to behave like a "
                                      "smaller card.")
     sample_prompt: str | None = f(None, "Print a sample from this prompt when training ends.")
-    sample_tokens: int = f(200, "Tokens to generate for the end-of-training sample.")
+    sample_tokens: int = f(200, "Tokens to generate for the end-of-training sample.", minimum=1)
     push_to_hub: bool = f(False, "Upload final/ to the Hugging Face Hub at the end (in the background).")
     hub_model_id: str | None = f(None, "Hub repo id for --push_to_hub, e.g. you/gpt2-medium-mydocs.")
     hub_private: bool = f(False, "Create the Hub repo as private.")
@@ -288,25 +292,10 @@ def _section_attr(sec: type) -> str:
 
 def validate(cfg: TrainConfig) -> None:
     m, o, r = cfg.model, cfg.optim, cfg.run
-    positive = {"block_size": m.block_size, "grad_accum_steps": o.grad_accum_steps,
-                "eval_interval": r.eval_interval, "log_interval": r.log_interval,
-                "keep_checkpoints": r.keep_checkpoints, "pad_vocab_to": m.pad_vocab_to,
-                "sample_tokens": r.sample_tokens, "max_nonfinite_steps": r.max_nonfinite_steps,
-                "spike_factor": r.spike_factor}
-    optional = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "max_steps": r.max_steps,
-                "lr_decay_steps": o.lr_decay_steps}
-    positive.update({k: v for k, v in optional.items() if v is not None})
-    for name, v in positive.items():
-        if v <= 0:
-            raise UserError(f"{name}={v} must be a positive integer.")
-    nonneg = {"dropout": m.dropout, "learning_rate": o.learning_rate, "min_lr": o.min_lr,
-              "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "grad_clip": o.grad_clip,
-              "eval_batches": r.eval_batches, "checkpoint_interval": r.checkpoint_interval,
-              "loss_chunk_size": m.loss_chunk_size, "num_workers": cfg.data.num_workers,
-              "hellaswag_interval": r.hellaswag_interval, "hellaswag_examples": r.hellaswag_examples}
-    for name, v in nonneg.items():
-        if v < 0:
-            raise UserError(f"{name}={v} must not be negative.")
+    for name, (sec, fl, _) in FIELDS.items():  # the ranges on the fields, for configs built in code too
+        value = getattr(getattr(cfg, _section_attr(sec)), name)
+        if value is not None:
+            options.check(name, value, fl, "the config")
     if o.learning_rate == 0:
         raise UserError("learning_rate=0 would never update the model; use e.g. 6.0e-4.")
     if o.min_lr > o.learning_rate:

@@ -100,11 +100,12 @@ def coerce(key: str, value: Any, source: str, fields: dict) -> Any:
         return None
     if is_list:
         values = value if isinstance(value, (list, tuple)) else [value]
-        return [_check(key, _one(key, v, typ, source, example), fl, source) for v in values]
-    return _check(key, _one(key, value, typ, source, example), fl, source)
+        return [check(key, _one(key, v, typ, source, example), fl, source) for v in values]
+    return check(key, _one(key, value, typ, source, example), fl, source)
 
 
-def _check(key: str, out: Any, fl: dataclasses.Field, source: str) -> Any:
+def check(key: str, out: Any, fl: dataclasses.Field, source: str) -> Any:
+    """Finiteness, choices and range of one value of field ``fl``."""
     meta = fl.metadata
     if isinstance(out, float) and not math.isfinite(out):
         raise UserError(f"{key}={out!r} in {source} is not a finite number; give a real value.")
@@ -115,7 +116,9 @@ def _check(key: str, out: Any, fl: dataclasses.Field, source: str) -> Any:
     lo, hi, excl = meta.get("minimum"), meta.get("maximum"), meta.get("exclusive", False)
     if isinstance(out, (int, float)) and not isinstance(out, bool):
         if lo is not None and (out < lo or (excl and out == lo)):
-            raise UserError(f"{key}={out!r} must be {'>' if excl else '>='} {lo}.")
+            want = {(1, False): "a positive integer" if isinstance(out, int) else ">= 1",
+                    (0, False): "not negative"}.get((lo, excl), f"{'>' if excl else '>='} {lo}")
+            raise UserError(f"{key}={out!r} must {'not be negative' if want == 'not negative' else 'be ' + want}.")
         if hi is not None and out > hi:
             raise UserError(f"{key}={out!r} must be <= {hi}.")
     return out

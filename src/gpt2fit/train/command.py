@@ -108,7 +108,8 @@ def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
             pusher.submit(str(run.out_dir), commit_message=f"gpt2fit: final model after {state['step']} steps",
                           run_dir=True)
             failures = pusher.finish()
-            print(pusher.report() if failures else f"pushed to {repo_url(None, cfg.run.hub_model_id, cfg.run.hub_revision)}")
+            url = repo_url(None, cfg.run.hub_model_id, cfg.run.hub_revision)
+            print(pusher.report() if failures else f"pushed to {url}")
     return 0
 
 
