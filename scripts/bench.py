@@ -9,7 +9,7 @@
     python scripts/bench.py --preset gpt2 --data_dir data/owt --grid num_workers=0,2   # real DataLoader
 
 Each cell builds a TrainConfig from the same flags `gpt2fit train` takes, runs train.setup and
-times --warmup + --steps calls of train.train_step (a device sync ends each step). Writes the
+times --warmup + --steps calls of train.train_step (CUDA events mark the step boundaries; one device sync after the last step). Writes the
 JSON (device, versions, settings, raw per-step times) and a Markdown table next to it; rows in
 benchmarks/*.json feed `gpt2fit plan` its measured MFU. A cell that runs out of memory is
 recorded as {"oom": true} and the grid goes on. Same as `gpt2fit bench ...`; `--help` lists

@@ -95,16 +95,14 @@ def test_real_dataloader_and_random_ids_over_a_data_dir(char_data, tmp_path):
 def test_oom_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     import torch
 
-    from gpt2fit.train import loop as train
-
-    real = train.train_step
+    real = bench.train_step
 
     def step(run, batches):  # the 8-bit cell "runs out of memory" in its first step
         if run.cfg.optim.optimizer == "adamw8bit":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(run, batches)
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(bench, "train_step", step)
     out = tmp_path / "oom.json"
     assert bench.main(TINY + ["--vocab_size", "256", "--max_memory", "12GiB", "--grid", "optimizer=adamw8bit,adamw",
                               "--out", str(out)]) == 0
@@ -122,13 +120,12 @@ def test_oom_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
 
 
 def test_grid_expansion_and_checks():
-    cells, values = bench.parse_grid([["optimizer=adamw,adamw8bit", "compile=false,true"], ["optimizer=adamw"],
+    cells = bench.parse_grid([["optimizer=adamw,adamw8bit", "compile=false,true"], ["optimizer=adamw"],
                                       ["loss_chunk_size=1024"]])
     assert cells == [{"optimizer": "adamw", "compile": False}, {"optimizer": "adamw", "compile": True},
                      {"optimizer": "adamw8bit", "compile": False}, {"optimizer": "adamw8bit", "compile": True},
                      {"optimizer": "adamw"}, {"loss_chunk_size": 1024}]
-    assert values["compile"] == [False, True]
-    assert bench.parse_grid(None)[0] == [{}]
+    assert bench.parse_grid(None) == [{}]
     with pytest.raises(UserError, match="adamw9bit.*not one of.*Did you mean 'adamw8bit'"):
         bench.parse_grid([["optimizer=adamw9bit"]])
     with pytest.raises(UserError, match="'max_steps' cannot be varied.*--steps"):
@@ -142,17 +139,43 @@ def test_grid_expansion_and_checks():
 
 
 def test_cli_help_and_bad_grid_key(tmp_path):
-    parser = bench.build_parser()
-    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) >= 20
-    for a in flags:
-        assert a.help and len(a.help) > 15, a.option_strings
+    from gpt2fit.options import fields_of
+
     r = run_cli("bench", "--help", cwd=tmp_path)
     assert r.returncode == 0
-    for a in flags:
-        assert a.option_strings[0] in r.stdout
+    names = list(fields_of(bench.SECTIONS)) + ["grid"]
+    assert len(names) >= 40  # the train options of the step, the bench's own, --grid
+    for name in names:
+        assert f"--{name}" in r.stdout, name
     r = run_cli("bench", "--n_layer", "1", "--grid", "optimzer=adamw", "grad_checkpoint=true", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     first = r.stderr.splitlines()[0]
     assert first.startswith("error: unknown grid key 'optimzer'") and "Did you mean 'optimizer'" in first
     assert not (tmp_path / "benchmarks").exists()  # nothing ran, nothing written
+
+
+def test_cells_are_the_train_configs_of_their_options(capsys):
+    # a train option is a flag (fixed for every cell) and a grid key; each cell is a checked TrainConfig
+    assert bench.main(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--compile", "true",
+                       "--mixed_precision", "no", "--grid", "loss_chunk_size=0,256", "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("compile=True" in x and "mixed_precision=no" in x for x in lines)
+    assert "loss_chunk_size=256" in lines[1]
+    cfg = bench.cell_config({"preset": "gpt2", "loss_chunk_size": 256, "optimizer": "adamw8bit"}, 5)
+    assert (cfg.model.loss_chunk_size, cfg.optim.optimizer, cfg.run.max_steps) == (256, "adamw8bit", 5)
+    with pytest.raises(UserError, match="nan.*not a finite number"):
+        bench.main(["--grid", "learning_rate=nan", "--dry_run"])
+    with pytest.raises(UserError, match="warmup=0 must be a positive integer"):
+        bench.main(["--warmup", "0", "--dry_run"])
+
+
+def test_random_data_dir_is_a_prepared_data_dir(tmp_path):
+    from gpt2fit import formats
+    from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
+
+    d = bench.write_random_data_dir(tmp_path / "d", 300, 1000, seed=1, block_size=16)
+    meta = formats.read_meta(d)
+    assert meta["tokenizer"]["vocab_size"] == 300 and meta["format_version"] == formats.META_FORMAT_VERSION
+    assert meta["tokenizer"]["fingerprint"] == fingerprint(load_tokenizer(str(d / formats.TOKENIZER_DIR)))
+    train = formats.open_split(d, "train", meta)
+    assert len(train) == meta["splits"]["train"]["tokens"] == 1000 and int(train.max()) < 300

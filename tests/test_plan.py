@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gpt2fit.plan import planner as plan
 from gpt2fit.errors import UserError
-from gpt2fit.hardware import GPUS, device_peak_flops, flops_per_token
-from gpt2fit.plan.planner import count_params, count_params_for_flops, estimate_memory, main, max_micro_batch, plan_run
+from gpt2fit.hardware import GPUS, device_peak_flops, flops_per_token, gpu_key_for_device, resolve_gpu
+from gpt2fit.plan import memory as plan
+from gpt2fit.plan.memory import count_params, count_params_for_flops, estimate_memory, max_micro_batch
+from gpt2fit.plan.planner import format_plan, lookup_mfu, main, plan_run
 from gpt2fit.units import parse_count, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,13 +90,11 @@ def test_parse_count_rejects_with_the_value(bad):
 # --- GPUs -----------------------------------------------------------------------------------
 
 
-def test_gpu_table():
-    for key in ("rtx-3060", "rtx-4070", "rtx-4070-ti", "rtx-3090", "rtx-4090", "a100-40gb", "a100-80gb",
-                "h100-80gb", "h100-pcie", "h200"):
-        assert key in GPUS
-    assert GPUS["rtx-4090"].bf16_dense_flops == 165.2e12
-    assert GPUS["a100-80gb"].bf16_dense_flops == 312e12
-    assert GPUS["rtx-4070"].memory_bytes == 12 * GiB
+def test_every_gpu_row_is_found_by_its_name():
+    # the table and the device-name patterns agree: a row's name, as torch reports it, finds that row
+    for key, gpu in GPUS.items():
+        assert resolve_gpu(key) == (key, gpu)
+        assert gpu_key_for_device("NVIDIA " + gpu.name) == key, gpu.name
     # one convention for all GeForce cards: half-rate FP32-accumulate, so 4090 / 4070 ~ SMs x clock
     ratio = GPUS["rtx-4090"].bf16_dense_flops / GPUS["rtx-4070"].bf16_dense_flops
     assert ratio == pytest.approx((128 * 2.52) / (46 * 2.475), rel=0.01)
@@ -120,9 +119,9 @@ def test_device_peak_flops_unknown(name):
 
 # --- the memory model ------------------------------------------------------------------------
 
-COMBOS = [dict(grad_checkpointing=ck, optimizer=opt, loss_impl=loss, precision=prec)
-          for ck in (False, True) for opt in ("adamw", "adamw8bit") for loss in ("plain", "chunked")
-          for prec in ("bf16", "fp32")]
+COMBOS = [dict(grad_checkpointing=ck, optimizer=opt, loss_chunk_size=chunk, mixed_precision=prec)
+          for ck in (False, True) for opt in ("adamw", "adamw8bit") for chunk in (0, 1024)
+          for prec in ("bf16", "no")]
 
 
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -154,16 +153,16 @@ def test_8bit_reduces_optimizer_bytes_and_keeps_the_embedding_32bit():
 
 def test_chunked_loss_reduces_logits():
     for b in (1, 4, 16):
-        plain = estimate_memory("gpt2", micro_batch_size=b, loss_impl="plain")
-        chunked = estimate_memory("gpt2", micro_batch_size=b, loss_impl="chunked")
+        plain = estimate_memory("gpt2", micro_batch_size=b, loss_chunk_size=0)
+        chunked = estimate_memory("gpt2", micro_batch_size=b, loss_chunk_size=1024)
         assert chunked.logits < plain.logits
-    plain = estimate_memory("gpt2", micro_batch_size=8, loss_impl="plain")
+    plain = estimate_memory("gpt2", micro_batch_size=8)
     assert plain.logits >= 12 * 8 * 1024 * 50257  # fp32 log-softmax + two fp32 gradients
 
 
 def test_mixed_precision_components():
-    bf16 = estimate_memory("gpt2", precision="bf16")
-    fp32 = estimate_memory("gpt2", precision="fp32")
+    bf16 = estimate_memory("gpt2", mixed_precision="bf16")
+    fp32 = estimate_memory("gpt2", mixed_precision="no")
     n = count_params("gpt2")
     assert fp32.weights == 4 * n
     assert 5 * n < bf16.weights < 6 * n  # fp32 master + 16-bit autocast copies of matmul weights
@@ -192,7 +191,7 @@ def test_fits_and_usable_memory():
 
 def test_max_micro_batch_is_the_largest_that_fits():
     mem = GPUS["rtx-4070"].memory_bytes
-    kw = dict(block_size=1024, precision="bf16", optimizer="adamw", grad_checkpointing=True, loss_impl="chunked")
+    kw = dict(block_size=1024, mixed_precision="bf16", optimizer="adamw", grad_checkpointing=True, loss_chunk_size=1024)
     b = max_micro_batch("gpt2", memory_bytes=mem, **kw)
     assert b >= 2
     assert estimate_memory("gpt2", micro_batch_size=b, **kw).fits(mem)
@@ -210,13 +209,16 @@ def test_bad_choices_are_user_errors():
         estimate_memory("gpt3")
 
 
-def test_loss_chunk_size_matches_the_loss_module():
-    from gpt2fit.train.loss import DEFAULT_CHUNK_SIZE
+def test_settings_of_a_train_config_are_its_options():
+    from gpt2fit.config import parse_config
 
-    from gpt2fit.train.loss import _VOCAB_SLICE
-
-    assert plan.LOSS_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
-    assert plan.LOSS_VOCAB_SLICE == _VOCAB_SLICE
+    cfg, _ = parse_config(["--preset", "gpt2", "--data_dir", "d", "--max_steps", "1", "--grad_checkpointing", "true",
+                           "--optimizer", "adamw8bit", "--loss_chunk_size", "512", "--attn_implementation", "eager",
+                           "--block_size", "256", "--dropout", "0.1"])
+    kw = plan.memory_settings(cfg, "fp16")
+    assert kw == dict(block_size=256, mixed_precision="fp16", optimizer="adamw8bit", grad_checkpointing=True,
+                      loss_chunk_size=512, attn_implementation="eager", dropout=0.1)
+    assert estimate_memory("gpt2", micro_batch_size=2, **kw).total > 0
 
 
 # --- the formulas against CPU measurements ---------------------------------------------------
@@ -252,19 +254,26 @@ def test_activation_formula_matches_saved_tensors_on_cpu(activation):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.transformer(input_ids=ids, use_cache=False)  # training must not build a KV cache
     measured = sum(kept.values())
-    predicted = estimate_memory(cfg, micro_batch_size=B, block_size=T, precision="fp32",
+    predicted = estimate_memory(cfg, micro_batch_size=B, block_size=T, mixed_precision="no",
                                 activation=activation).activations
     assert predicted == pytest.approx(measured, rel=0.03), (measured, predicted)
 
 
-def test_planner_plans_the_activation_gpt2fit_trains_with():
-    from gpt2fit.train.model import GELU
-    from gpt2fit.plan.planner import DEFAULT_ACTIVATION, model_shape
+def test_planner_plans_the_model_gpt2fit_builds():
+    from gpt2fit.config import ModelArgs
+    from gpt2fit.plan.memory import FUSED_ACTIVATIONS, model_shape
+    from gpt2fit.train.model import build_config
 
-    assert DEFAULT_ACTIVATION == GELU
-    assert model_shape("gpt2-medium").activation == GELU
+    for preset in ("gpt2", "gpt2-medium"):  # what train builds from a preset is what the plan counts
+        built = model_shape(build_config(ModelArgs(preset=preset), 50257, 50256))
+        planned = model_shape(preset)
+        assert (built.n_layer, built.n_head, built.n_embd, built.vocab_size) == (
+            planned.n_layer, planned.n_head, planned.n_embd, planned.vocab_size)
+        assert built.activation == planned.activation and planned.activation in FUSED_ACTIVATIONS
+        assert count_params(built) == count_params(planned)
+    # a loaded model's gelu_new is swapped for the fused op, so it is planned as that
     assert model_shape({"n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 10,
-                        "activation_function": "gelu_new"}).activation == GELU
+                        "activation_function": "gelu_new"}).activation == model_shape("gpt2").activation
 
 
 def _peak_bytes(fn):
@@ -287,14 +296,14 @@ def _peak_bytes(fn):
     return peak
 
 
-@pytest.mark.parametrize("impl", ["plain", "chunked"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_logits_formula_matches_profiled_peak_on_cpu(impl, precision):
+@pytest.mark.parametrize("V,chunk", [(8000, 0), (8000, 64), (16384, 16)])  # 16384: over one vocab slice
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_logits_formula_matches_profiled_peak_on_cpu(V, chunk, precision):
     import torch
 
     from gpt2fit.train.loss import lm_loss
 
-    B, T, C, V, chunk = 2, 128, 64, 8000, 64
+    B, T, C = 2, 128, 64
     cfg = {"n_layer": 1, "n_head": 1, "n_embd": C, "n_positions": T, "vocab_size": V}
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, C, generator=g, requires_grad=True)
@@ -303,16 +312,15 @@ def test_logits_formula_matches_profiled_peak_on_cpu(impl, precision):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = lm_loss(h, w, t, chunk_size=chunk if impl == "chunked" else None)
+            loss = lm_loss(h, w, t, chunk_size=chunk or None)
         (loss / (B * T)).backward()
 
     step()  # warm up
     h.grad = w.grad = None
     measured = _peak_bytes(step)
-    est = estimate_memory(cfg, micro_batch_size=B, block_size=T, precision=precision, loss_impl=impl,
-                          loss_chunk_size=chunk)
+    est = estimate_memory(cfg, micro_batch_size=B, block_size=T, mixed_precision=precision, loss_chunk_size=chunk)
     # the plain path's 16-bit weight copy is autocast's (the planner counts it in "weights")
-    predicted = est.logits + (2 * V * C if precision == "bf16" and impl == "plain" else 0)
+    predicted = est.logits + (2 * V * C if precision == "bf16" and not chunk else 0)
     assert predicted == pytest.approx(measured, rel=0.03), (measured, predicted)
 
 
@@ -320,7 +328,7 @@ def test_logits_formula_matches_profiled_peak_on_cpu(impl, precision):
 
 
 def test_gpt2_medium_on_a_4070_gets_a_plan():
-    p = plan_run("gpt2-medium", gpu="rtx-4070", block_size=1024, precision="bf16", bench_dirs=[])
+    p = plan_run("gpt2-medium", gpu="rtx-4070", block_size=1024, mixed_precision="bf16", bench_dirs=[])
     assert p.chosen is not None and p.chosen.fits
     assert p.chosen.micro_batch_size >= 1
     assert p.chosen.micro_batch_size * 1024 * p.grad_accum >= 524288
@@ -328,26 +336,30 @@ def test_gpt2_medium_on_a_4070_gets_a_plan():
     assert p.tokens_per_step == p.chosen.micro_batch_size * 1024 * p.grad_accum
     assert len(p.candidates) == 8  # checkpointing x optimizer x loss
     assert all(c.memory.fits(GPUS["rtx-4070"].memory_bytes) == c.fits for c in p.candidates)
-    assert p.chosen.tokens_per_s == pytest.approx(0.40 * 58.3e12 / p.flops_per_token)
-    assert p.chinchilla_tokens == 20 * 354_823_168
+    assert p.chosen.tokens_per_s == pytest.approx(p.chosen.mfu * GPUS["rtx-4070"].bf16_dense_flops / p.flops_per_token)
+    assert p.chosen.mfu_source == "assumed"
+    assert p.chinchilla_tokens == 20 * count_params("gpt2-medium")
     assert p.training_flops == pytest.approx(p.flops_per_token * p.chinchilla_tokens)
 
 
 def test_fixed_settings_and_budget():
-    p = plan_run("gpt2", gpu="rtx-3060", optimizer="adamw8bit", grad_checkpointing=True, loss_impl="chunked",
+    p = plan_run("gpt2", gpu="rtx-3060", optimizer="adamw8bit", grad_checkpointing=True, loss_chunk_size=512,
                  micro_batch_size=4, tokens_per_step="0.5M", max_tokens="1B", n_processes=2, bench_dirs=[])
     assert len(p.candidates) == 1
     c = p.chosen
-    assert (c.grad_checkpointing, c.optimizer, c.loss_impl, c.micro_batch_size) == (True, "adamw8bit", "chunked", 4)
+    assert (c.grad_checkpointing, c.optimizer, c.loss_chunk_size, c.micro_batch_size) == (True, "adamw8bit", 512, 4)
     assert p.grad_accum == math.ceil(500_000 / (4 * 1024 * 2))
-    assert c.mfu == 0.30 and c.mfu_source == "assumed"
+    assert c.mfu_source == "assumed"
+    off = plan_run("gpt2", gpu="rtx-3060", grad_checkpointing=False, optimizer="adamw8bit", loss_chunk_size=512,
+                   bench_dirs=[]).chosen
+    assert c.mfu < off.mfu  # recomputing the forward is not counted as model FLOPs
     assert p.time_to_budget_s == pytest.approx(1e9 / c.tokens_per_s)
 
 
 def test_nothing_fits_gives_no_choice():
     p = plan_run("gpt2-xl", gpu=None, memory_bytes=6 * GiB, bench_dirs=[])
     assert p.chosen is None and not any(c.fits for c in p.candidates)
-    assert "nothing fits" in plan.format_plan(p)
+    assert "nothing fits" in format_plan(p)
 
 
 def test_measured_mfu_from_benchmarks_json(tmp_path):
@@ -359,15 +371,15 @@ def test_measured_mfu_from_benchmarks_json(tmp_path):
     ]}
     (tmp_path / "bench.json").write_text(json.dumps(rows))
     (tmp_path / "broken.json").write_text("{not json")
-    p = plan_run("gpt2", gpu="rtx-4090", optimizer="adamw", grad_checkpointing=False, loss_impl="plain",
+    p = plan_run("gpt2", gpu="rtx-4090", optimizer="adamw", grad_checkpointing=False, loss_chunk_size=0,
                  bench_dirs=[tmp_path])
     assert p.chosen.mfu == 0.52 and p.chosen.mfu_source.startswith("measured")
-    p = plan_run("gpt2", gpu="rtx-4070", optimizer="adamw", grad_checkpointing=False, loss_impl="plain",
+    p = plan_run("gpt2", gpu="rtx-4070", optimizer="adamw", grad_checkpointing=False, loss_chunk_size=0,
                  bench_dirs=[tmp_path])
-    assert p.chosen.mfu == 0.40 and p.chosen.mfu_source == "assumed"
+    assert p.chosen.mfu != 0.52 and p.chosen.mfu_source == "assumed"
     # a config with the preset's shape (e.g. --init_from a local copy of "gpt2") uses the preset's rows
     same_shape = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "_name_or_path": "/models/x"}
-    p = plan_run(same_shape, gpu="rtx-4090", optimizer="adamw", grad_checkpointing=False, loss_impl="plain",
+    p = plan_run(same_shape, gpu="rtx-4090", optimizer="adamw", grad_checkpointing=False, loss_chunk_size=0,
                  bench_dirs=[tmp_path])
     assert p.chosen.mfu == 0.52
 
@@ -381,7 +393,7 @@ def test_main_json_parses(capsys):
     assert out["n_params"] == 354_823_168
     assert out["chosen"]["micro_batch_size"] >= 1
     assert out["budget_tokens"] == 10 * 10**9
-    assert out["gpu"]["key"] == "rtx-4070"
+    assert out["gpu_key"] == "rtx-4070" and out["gpu"]["memory_bytes"] == GPUS["rtx-4070"].memory_bytes
     assert {"weights", "gradients", "optimizer", "activations", "logits", "workspace", "total"} <= set(
         out["candidates"][0]["memory"])
 
@@ -401,10 +413,48 @@ def test_unknown_gpu_suggests_a_close_match():
 def test_bad_flags_are_user_errors():
     with pytest.raises(UserError, match="twelve"):
         main(["--memory", "twelve"])
-    with pytest.raises(UserError, match="invalid choice"):
-        main(["--precision", "bf8"])
+    with pytest.raises(UserError, match="mixed_precision='bf8'.*not one of"):
+        main(["--mixed_precision", "bf8"])
     with pytest.raises(UserError, match="not both"):
         main(["--model", "gpt2", "--init_from", "gpt2"])
+    with pytest.raises(UserError, match="margin=nan.*not a finite number"):
+        main(["--margin", "nan"])
+    with pytest.raises(UserError, match="peak_tflops=0.0 must be > 0"):
+        main(["--peak_tflops", "0"])
+    with pytest.raises(UserError, match="n_embd=30 must be divisible by n_head=4"):  # train's own checks
+        main(["--n_layer", "1", "--n_head", "4", "--n_embd", "30"])
+
+
+def _plan_json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_train_options_fix_a_setting_and_earlier_spellings_keep_working(capsys):
+    both = _plan_json(capsys, "--preset", "gpt2")
+    assert len(both["candidates"]) == 8
+    # the earlier "try both" spelling is the same as not giving the option
+    assert _plan_json(capsys, "--model", "gpt2", "--optimizer", "auto", "--grad_checkpointing=auto",
+                      "--loss_impl", "auto")["candidates"] == both["candidates"]
+    one = _plan_json(capsys, "--preset", "gpt2", "--grad_checkpointing", "on", "--optimizer", "adamw8bit",
+                     "--loss_chunk_size", "4096", "--micro_batch_size", "3", "--mixed_precision", "no")
+    (c,) = one["candidates"]
+    assert (c["grad_checkpointing"], c["optimizer"], c["loss_chunk_size"], c["micro_batch_size"]) == (
+        True, "adamw8bit", 4096, 3)
+    assert one["mixed_precision"] == "no" and c["memory"]["activations"] > 0
+    for old, new in (("--precision", "--mixed_precision"), ("--loss_impl", "--loss_chunk_size"),
+                     ("--activation", "gelu")):
+        with pytest.raises(UserError, match=f"{old} is now .*{new}"):
+            main([old, "chunked"])
+
+
+def test_custom_model_padding_and_memory_cap(capsys):
+    out = _plan_json(capsys, "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128",
+                     "--pad_vocab_to", "64", "--gpu", "rtx-4090", "--max_memory", "12GiB")
+    m = out["model"]
+    assert (m["name"], m["n_positions"], m["vocab_size"]) == ("custom-L2-H2-C64", 128, 50304)  # as train builds it
+    assert out["gpu"]["memory_bytes"] == 12 * GiB and any("max_memory" in n for n in out["notes"])
+    assert out["n_params"] == count_params(plan.ModelShape("x", 2, 2, 64, n_positions=128, vocab_size=50304))
 
 
 def test_init_from_local_dir_and_unknown_hub_id(tmp_path, monkeypatch, capsys):
@@ -439,18 +489,16 @@ def test_script_unknown_gpu_exits_2_with_error_first():
 
 
 def test_plan_module_does_not_import_torch():
-    code = "import sys, gpt2fit.plan; print('torch' in sys.modules)"
+    code = "import sys, gpt2fit.plan.planner; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
 
 
 def test_measured_mfu_comes_only_from_rows_at_the_planned_settings():
-    from gpt2fit.plan.planner import lookup_mfu
-
     base = {"model": "gpt2", "grad_checkpointing": False, "optimizer": "adamw", "device": "NVIDIA H100 80GB HBM3",
             "block_size": 1024, "precision": "bf16", "compile": False, "tf32": True, "_file": "b.json"}
     rows = [dict(base, mfu=0.41), dict(base, mfu=0.55, compile=True), dict(base, mfu=0.30, oom=True),
             dict(base, mfu=0.20, block_size=256), dict(base, mfu=0.25, sdpa_backend="math")]
     mfu, src = lookup_mfu(rows, model="gpt2", grad_checkpointing=False, optimizer="adamw", gpu_key="h100-80gb",
-                          block_size=1024, precision="bf16")
+                          block_size=1024, mixed_precision="bf16")
     assert mfu == 0.41 and src.startswith("measured") and "1 row" in src

@@ -17,7 +17,7 @@
 #                 attention; + transformers.Trainer on the same config -> speedup_vs_trainer
 #   mem12         --max_memory 12GiB (the planner check): gpt2 (micro 16) and gpt2-medium (micro
 #                 8, 16) x checkpointing x optimizer x loss_chunk_size 0/4096, pad_vocab_to 64;
-#                 predicted_peak_bytes (plan.estimate_memory) beside the measured peaks and OOMs
+#                 predicted_peak_bytes (plan.memory.estimate_memory) beside the measured peaks and OOMs
 #   medium_core   gpt2-medium, as gpt2_core (with its Trainer baseline)
 #   loader        gpt2 default through the real DataLoader (token file on disk), num_workers 0 / 2,
 #                 and without pinned memory

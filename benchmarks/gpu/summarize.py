@@ -19,14 +19,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from gpt2fit.train.bench import table
+from gpt2fit.train.bench_report import table
+from gpt2fit.units import GiB, format_bytes
 
 DEFAULTS = {"grad_checkpointing": False, "optimizer": "adamw", "loss_chunk_size": 0, "compile": False,
             "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True, "data": "random", "num_workers": 0,
             "pin_memory": True, "max_memory": None, "host_sync": "step", "compile_scope": "model", "compile_mode": "default"}
 PLANNER_KERNELS = {"compile": False, "attn_implementation": "sdpa", "sdpa_backend": "auto", "tf32": True,
                    "precision": "bf16", "block_size": 1024, "host_sync": "step"}
-GIB = 1024**3
 
 
 SHORT = {"grad_checkpointing": "ckpt", "optimizer": "", "loss_chunk_size": "chunk", "compile": "compile",
@@ -70,7 +70,7 @@ def planner_check(rows: list[dict]) -> list[str]:
             if r.get("predicted_within_cap") != ran:
                 pred = r.get("predicted_peak_bytes")
                 lines.append(f"  {r['_run']}/{r['id']} {r['model']} {lever_text(r)} micro {r['micro_batch_size']}: "
-                             f"{'ran' if ran else 'OOM'}, predicted {pred / GIB if pred else float('nan'):.2f} GiB")
+                             f"{'ran' if ran else 'OOM'}, predicted {format_bytes(pred) or 'n/a'}")
         out.append(f"under --max_memory: the prediction's total <= cap agrees with what happened in "
                    f"{agree['within_cap']}/{len(capped)} cells; the planner's fit rule (minus the 0.75 GiB CUDA "
                    f"reserve, 10% margin) in {agree['fits_rule']}/{len(capped)}")
@@ -101,7 +101,7 @@ def short_table(docs: dict) -> str:
                 cells += [f"{r['tokens_per_s'] / 1e3:.1f}k", f"{1000 * r['step_time_median_s']:.1f}",
                           "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
                           "" if r.get("mfu_measured_peak") is None else f"{100 * r['mfu_measured_peak']:.1f}%",
-                          "" if r.get("peak_reserved_bytes") is None else f"{r['peak_reserved_bytes'] / GIB:.2f}",
+                          "" if r.get("peak_reserved_bytes") is None else f"{r['peak_reserved_bytes'] / GiB:.2f}",
                           "" if ratio is None else f"{ratio:.2f}", "" if sp is None else f"{sp:.2f}x"]
             body.append(cells)
         title = f"{name}: {', '.join(models)}, block {d['rows'][0]['block_size'] if d['rows'] else '?'}" + \

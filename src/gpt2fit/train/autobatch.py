@@ -1,6 +1,6 @@
 """``--micro_batch_size auto``: the largest micro-batch that fits.
 
-1. The planner's estimate (``plan.max_micro_batch``) for this model, block, precision, optimizer,
+1. The planner's estimate (``plan.memory.max_micro_batch``) for this model, block, precision, optimizer,
    checkpointing and loss, against the device's memory (or ``--max_memory``).
 2. On CUDA, a real probe from that estimate: two forward + backward + optimizer steps on random
    tokens (the second backward runs with the optimizer states allocated, as every step of the
@@ -19,7 +19,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from gpt2fit.errors import UserError
-from gpt2fit.plan.planner import max_micro_batch
+from gpt2fit.plan.memory import max_micro_batch, memory_settings
 from gpt2fit.train.optim import build_optimizer
 from gpt2fit.units import parse_size
 
@@ -27,11 +27,7 @@ CPU_CAP = 64
 
 
 def planned_micro_batch(cfg, lm_config, memory_bytes: int, precision: str, world: int) -> int:
-    return max_micro_batch(
-        lm_config, memory_bytes=memory_bytes, block_size=cfg.model.block_size, precision=precision,
-        optimizer=cfg.optim.optimizer, grad_checkpointing=cfg.model.grad_checkpointing,
-        loss_impl="chunked" if cfg.model.loss_chunk_size else "plain",
-        loss_chunk_size=cfg.model.loss_chunk_size or 1024, n_processes=world, dropout=cfg.model.dropout)
+    return max_micro_batch(lm_config, memory_bytes=memory_bytes, n_processes=world, **memory_settings(cfg, precision))
 
 
 def probe_micro_batch(try_step, start: int) -> int:
@@ -69,7 +65,7 @@ def probe_micro_batch(try_step, start: int) -> int:
 def auto_micro_batch(cfg, model, accelerator) -> int:
     lm = model.lm
     device = accelerator.device
-    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    precision = accelerator.mixed_precision
     world = accelerator.num_processes
     if device.type != "cuda":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

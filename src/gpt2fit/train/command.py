@@ -119,9 +119,11 @@ def device_name(a) -> str:
 
 def oom_message(run: Run) -> str:
     cfg = run.cfg
-    model = cfg.model.init_from or cfg.model.preset or "custom"
+    m = cfg.model
+    model = f"--init_from {m.init_from}" if m.init_from else f"--model {m.preset}" if m.preset else \
+        f"--n_layer {m.n_layer} --n_head {m.n_head} --n_embd {m.n_embd}"
     return (f"out of GPU memory with micro_batch_size={run.micro}, block_size={cfg.model.block_size}, "
             f"grad_checkpointing={cfg.model.grad_checkpointing}, optimizer={cfg.optim.optimizer}, "
-            f"loss_chunk_size={cfg.model.loss_chunk_size}. See what fits: `gpt2fit plan --model {model} "
+            f"loss_chunk_size={cfg.model.loss_chunk_size}. See what fits: `gpt2fit plan {model} "
             f"--block_size {cfg.model.block_size} --micro_batch_size auto`, or pass --micro_batch_size auto, "
             "--grad_checkpointing true, --optimizer adamw8bit. No checkpoint was damaged.")

@@ -38,11 +38,11 @@ from gpt2fit.errors import UserError, suggest
 
 # Rows of logits per chunk. 1024 rows x 50257 vocab = 206 MB of float32 logits per chunk (plus
 # a 16-bit copy under autocast): a few percent of a 12 GB card, and matmuls still big enough to
-# run at full speed. gpt2fit.plan.LOSS_CHUNK_SIZE mirrors this (a test keeps them equal).
+# run at full speed.
 DEFAULT_CHUNK_SIZE = 1024
 
 IMPLS = ("auto", "plain", "chunked", "liger")
-_VOCAB_SLICE = 8192  # rows of the weight gradient accumulated at a time (16-bit inputs)
+_VOCAB_SLICE = 8192  # rows of the weight gradient accumulated at a time; plan.memory.LOSS_VOCAB_SLICE mirrors it
 
 
 def lm_loss(

@@ -23,7 +23,7 @@ from gpt2fit.train.loss import lm_loss
 
 # GPT-2's tanh-approximated GELU as one op: the same function as HF's "gelu_new", which is built
 # from several elementwise ops that each save an activation (84C vs 36C bytes/token/layer in bf16,
-# per plan.py's measurement), ~1.1 GiB per 1024-token sequence for gpt2-medium.
+# per plan/memory.py's measurement), ~1.1 GiB per 1024-token sequence for gpt2-medium.
 GELU = "gelu_pytorch_tanh"
 
 
