@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2fit.errors import UserError
-from gpt2fit.train.loss import DEFAULT_CHUNK_SIZE, _ChunkedLinearCrossEntropy, lm_loss
+from gpt2fit.train.loss import _ChunkedLinearCrossEntropy, lm_loss
 
 
 def _inputs(B, T, C, V, dtype, seed=0, n_ignored=0):
@@ -69,15 +68,6 @@ def test_chunked_matches_plain_float32(B, T, C, V, chunk):
     torch.testing.assert_close(lc, lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ghc, ghp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gwc, gwp, rtol=1e-5, atol=1e-6)
-
-
-def test_impl_chunked_without_chunk_size_uses_default():
-    h, w, t = _inputs(2, 7, 8, 20, torch.float64)
-    ref = _reference(h, w, t)
-    got = _loss_and_grads(h, w, t, impl="chunked")
-    torch.testing.assert_close(got[0], ref[0])
-    torch.testing.assert_close(got[2], ref[2])
-    assert DEFAULT_CHUNK_SIZE >= 1
 
 
 def test_bf16_inputs_close_to_float32_reference_and_keep_dtypes():
@@ -233,20 +223,9 @@ def test_chunked_saves_only_gradients_for_backward():
 # --- errors ---------------------------------------------------------------------------------
 
 
-def test_bad_impl_and_options_raise_user_errors():
+def test_bad_options_raise_user_errors():
     h, w, t = _inputs(1, 4, 8, 11, torch.float32)
-    with pytest.raises(UserError, match="chunkd.*Did you mean 'chunked'"):
-        lm_loss(h, w, t, impl="chunkd")
     with pytest.raises(UserError, match="chunk_size"):
-        lm_loss(h, w, t, impl="plain", chunk_size=4)
-    with pytest.raises(UserError, match="chunk_size"):
-        lm_loss(h, w, t, chunk_size=0)
+        lm_loss(h, w, t, chunk_size=-1)
     with pytest.raises(ValueError, match="targets shape"):
         lm_loss(h, w, t[:, :2])
-
-
-@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel installed")
-def test_liger_without_liger_kernel_says_how_to_install():
-    h, w, t = _inputs(1, 4, 8, 11, torch.float32)
-    with pytest.raises(UserError, match=r"^loss_impl 'liger' needs liger-kernel: pip install liger-kernel$"):
-        lm_loss(h, w, t, impl="liger")

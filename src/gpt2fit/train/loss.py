@@ -4,7 +4,7 @@
 for float64 inputs). The training step divides by the number of target tokens in the whole
 optimizer step, so micro-batches with different numbers of real targets are weighted by tokens.
 
-Three implementations, one contract (same value, same gradients, up to rounding):
+Two implementations, one contract (same value, same gradients, up to rounding):
 
 ``plain``    logits = hidden @ weight.T, upcast to float32, ``F.cross_entropy(reduction="sum")``.
              Materializes [B*T, V] logits: with GPT-2's V = 50257 the float32 log-softmax that
@@ -16,8 +16,6 @@ Three implementations, one contract (same value, same gradients, up to rounding)
              (w.r.t. the chunk's hidden rows, and accumulated w.r.t. the weight in float32).
              Only those two gradients are kept for backward, which scales them by grad_output.
              Peak extra memory: one chunk of logits (+ the [V, C] float32 weight gradient).
-``liger``    ``liger_kernel``'s Triton ``LigerFusedLinearCrossEntropyLoss`` (CUDA only;
-             ``pip install liger-kernel``).
 
 Numerics of the chunked path mirror the plain one: the matmuls run in the dtype the plain path
 would use (the autocast dtype under autocast, else the promoted input dtype), everything after
@@ -34,14 +32,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt2fit.errors import UserError, suggest
+from gpt2fit.errors import UserError
 
 # Rows of logits per chunk. 1024 rows x 50257 vocab = 206 MB of float32 logits per chunk (plus
 # a 16-bit copy under autocast): a few percent of a 12 GB card, and matmuls still big enough to
 # run at full speed.
 DEFAULT_CHUNK_SIZE = 1024
 
-IMPLS = ("auto", "plain", "chunked", "liger")
 _VOCAB_SLICE = 8192  # rows of the weight gradient accumulated at a time; plan.memory.LOSS_VOCAB_SLICE mirrors it
 
 
@@ -52,7 +49,6 @@ def lm_loss(
     *,
     chunk_size: int | None = None,
     ignore_index: int = -100,
-    impl: str = "auto",
 ) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden @ weight.T`` against ``targets``.
 
@@ -60,32 +56,20 @@ def lm_loss(
         hidden: [B, T, C] (or [N, C]) final hidden states (after ``ln_f``), any float dtype.
         weight: [V, C] the lm_head weight (tied to ``wte`` in GPT-2).
         targets: [B, T] (or [N]) integer token ids; ``ignore_index`` marks rows without a target.
-        chunk_size: rows per chunk for the chunked implementation; ``None`` means plain (with
-            ``impl="auto"``) or ``DEFAULT_CHUNK_SIZE`` (with ``impl="chunked"``).
+        chunk_size: rows per chunk for the chunked implementation; ``None`` (or 0) means plain.
         ignore_index: target value that contributes no loss and no gradient.
-        impl: ``"auto"`` (chunked when ``chunk_size`` is given, else plain), ``"plain"``,
-            ``"chunked"`` or ``"liger"``.
 
     Returns:
         0-dim float32 tensor (float64 when the inputs are float64): the SUM over target tokens.
     """
-    if impl not in IMPLS:
-        raise UserError(f"unknown loss implementation {impl!r}; choose one of {', '.join(IMPLS)}.{suggest(impl, IMPLS)}")
-    if chunk_size is not None and int(chunk_size) < 1:
+    if chunk_size is not None and int(chunk_size) < 0:
         raise UserError(f"loss chunk_size must be a positive number of rows, got {chunk_size!r}")
-    if impl == "auto":
-        impl = "chunked" if chunk_size else "plain"
-    elif impl == "plain" and chunk_size:
-        raise UserError(f"loss chunk_size={chunk_size} only applies to the chunked loss; drop it or use impl='chunked'")
-
     h2, t1 = _flatten(hidden, weight, targets)
-    if impl == "liger":
-        return _liger_loss(h2, weight, t1, ignore_index)
     compute_dtype = _compute_dtype(h2, weight)
-    if impl == "plain":
+    if not chunk_size:
         return _plain_loss(h2, weight, t1, ignore_index, compute_dtype)
 
-    chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    chunk = int(chunk_size)
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(h2, weight, t1, chunk, ignore_index, compute_dtype)
     with torch.no_grad():  # evaluation: same chunked loop, no gradients computed or kept
@@ -192,15 +176,3 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w * grad_output.to(grad_w.dtype)
         return grad_h, grad_w, None, None, None, None
-
-
-def _liger_loss(h2, weight, t1, ignore_index):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        raise UserError("loss_impl 'liger' needs liger-kernel: pip install liger-kernel") from None
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")
-    out = loss_fn(weight, h2, t1)
-    if isinstance(out, tuple):  # some versions can also return a z-loss
-        out = out[0]
-    return out.float()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -44,12 +43,7 @@ class MetricsLog:
                 continue
             if row.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write("".join(line + "\n" for line in keep))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        formats.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, row: dict) -> None:
         if not self.main:
