@@ -1,5 +1,6 @@
 """gpt2fit.prepare: sources, tiktoken equivalence, parallel + resumable shards, bad input (CPU, offline)."""
 
+import codecs
 import errno
 import json
 import os
@@ -532,13 +533,13 @@ def test_cli_flags_reach_prepare_and_counts_take_the_same_forms_as_training():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--max_tokens", "0"], "--max_tokens must be a positive count"),
+    (["--max_tokens", "0"], "--max_tokens='0' must be positive"),
     (["--max_tokens", "nan"], "--max_tokens: cannot read count 'nan'"),
     (["--chunk_chars", "1.5"], "--chunk_chars: count '1.5' is not a whole number"),
     (["--val_fraction", "inf"], "val_fraction=inf .* not a finite number"),
     (["--val_fraction", "1.5"], "val_fraction=1.5 must be between 0 and 1"),
     (["--split", "lines"], "split='lines' .* not one of documents, chars"),
-    (["--workers", "0"], "workers=0 must be >= 1"),
+    (["--workers", "0"], "workers=0 must be a positive integer"),
     (["--max_token", "5"], "unknown flag --max_token. Did you mean 'max_tokens'"),
 ])
 def test_bad_cli_values_are_refused_up_front(tmp_path, argv, match):
@@ -550,3 +551,128 @@ def test_bad_cli_values_are_refused_up_front(tmp_path, argv, match):
 def test_out_dir_is_required():
     with pytest.raises(UserError, match="--out_dir is required"):
         command.main(["--input", "stdlib"])
+
+
+# ------------------------------------------------------------------------------------------
+# bad input through the CLI (issue #14): exit 2, a first line `error:` naming the file, nothing
+# written to a new out dir and nothing changed in an existing one
+# ------------------------------------------------------------------------------------------
+def tree(root):
+    """Every path under root with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(root).rglob("*"))}
+
+
+def refused(p, *words):
+    first = (p.stderr.splitlines() or [""])[0]
+    assert p.returncode == 2 and first.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert all(w in first for w in words), first
+    return first
+
+
+BOM_TEXT = "PowerShell wrote this: naïve café, 日本語, emoji 😀 (outside the BMP).\r\nSecond line.\n"
+
+
+def test_text_with_a_utf16_or_utf32_bom_gives_the_tokens_of_the_same_text_in_utf8(tmp_path):
+    """PowerShell's `>` writes UTF-16 LE with a BOM: every other byte NUL, once tokenized as such."""
+    files = {"a.txt": ("utf-16-le", codecs.BOM_UTF16_LE), "b.md": ("utf-16-be", codecs.BOM_UTF16_BE),
+             "c.py": ("utf-32-le", codecs.BOM_UTF32_LE), "d.txt": ("utf-32-be", codecs.BOM_UTF32_BE),
+             "e.txt": ("utf-8", codecs.BOM_UTF8), "f.jsonl": ("utf-16-le", codecs.BOM_UTF16_LE),
+             "g.csv": ("utf-16-le", codecs.BOM_UTF16_LE), "h.json": ("utf-8", codecs.BOM_UTF8)}
+    records = [{"text": f"{BOM_TEXT} record {i}"} for i in range(3)]
+    content = {".jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+               ".json": json.dumps(records, ensure_ascii=False),
+               ".csv": "text,n\n" + "".join(f'"{r["text"]}",{i}\n' for i, r in enumerate(records))}
+    for d in ("utf8", "bom"):
+        (tmp_path / d).mkdir()
+    for name, (enc, bom) in files.items():
+        text = content.get(Path(name).suffix, f"{BOM_TEXT} file {name}")
+        (tmp_path / "utf8" / name).write_bytes(text.encode("utf-8"))
+        (tmp_path / "bom" / name).write_bytes(bom + text.encode(enc))
+    for d in ("utf8", "bom"):
+        p = run_cli("prepare", "--input", tmp_path / d, "--out_dir", tmp_path / f"out_{d}", "--tokenizer", "char",
+                    "--val_fraction", "0.3", "--seed", "3", "--quiet")
+        assert p.returncode == 0, p.stderr
+    ref, got = read_meta(tmp_path / "out_utf8"), read_meta(tmp_path / "out_bom")
+    assert got["source"]["decoded_from_bom"] == 8 and ref["source"]["decoded_from_bom"] == 0
+    assert got["tokenizer"]["fingerprint"] == ref["tokenizer"]["fingerprint"]  # no NUL, no U+FEFF: the same chars
+    assert got["source"]["documents"] == ref["source"]["documents"] == 14
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(tmp_path / "out_bom", split), read_split(tmp_path / "out_utf8", split))
+
+
+def test_binary_files_are_skipped_in_a_directory_and_refused_when_named(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "guide.md").write_text("# Guide\nSome text to train on.\n" * 20)
+    (d / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))
+    (d / "site.zip").write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(64))
+    (d / "weights.bin").write_bytes(np.arange(300, dtype=np.uint16).tobytes())
+    p = run_cli("prepare", "--input", d, "--out_dir", tmp_path / "out", "--tokenizer", "char", "--split", "chars")
+    assert p.returncode == 0, p.stderr
+    src = read_meta(tmp_path / "out")["source"]
+    assert (src["files"], src["binary_skipped"]) == (1, 3) and "3 binary files" in p.stdout
+    assert "\x00" not in (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
+    before = tree(tmp_path)
+    for spec in (d / "logo.png", d / "*.bin"):
+        p = run_cli("prepare", "--input", spec, "--out_dir", tmp_path / "new", "--tokenizer", "char")
+        assert "binary" in refused(p, str(spec))
+    assert tree(tmp_path) == before
+
+
+MALFORMED = {  # file, its bytes, what the error names besides the file
+    "array": ("truncated.json", b'[{"text": "a"}, {"text": "b"', "line 1 column 29"),
+    "parquet": ("fake.parquet", b"this is not Parquet, just text saved as .parquet", "Parquet"),
+    "jsonl_line": ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "line 2, column 13"),
+    "late_jsonl_line": ("late.jsonl", b"".join(b'{"text": "document %d of many"}\n' % i for i in range(400))
+                        + b'{"text": "cut off\n', "line 401"),
+    "csv_row": ("bad.csv", b'text,n\n"a",1\n"b",2,3\n', "Expected 2 columns, got 3"),
+    "utf16_damaged": ("odd.txt", codecs.BOM_UTF16_LE + "text".encode("utf-16-le") + b"\x00\xd8", "position 10-11"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_files_name_the_file_and_position_and_leave_nothing(tmp_path, bpe_dir, case):
+    """With a pretrained tokenizer the shards are written while the file is read: a late error too
+    must leave nothing behind (the fixed file has another key, so they are of no use)."""
+    name, data, where = MALFORMED[case]
+    (tmp_path / name).write_bytes(data)
+    before = tree(tmp_path)
+    p = run_cli("prepare", "--input", tmp_path / name, "--out_dir", tmp_path / "out", "--tokenizer", bpe_dir,
+                "--chunk_chars", "1000", "--workers", "1")
+    refused(p, name, where)
+    assert tree(tmp_path) == before
+
+
+def test_a_bad_file_leaves_prepared_data_as_it_was_even_with_overwrite(tmp_path, bpe_dir):
+    name, data, where = MALFORMED["late_jsonl_line"]
+    (tmp_path / name).write_bytes(data)
+    write_jsonl(tmp_path / "good.jsonl", [f"good document {i}" for i in range(50)])
+    prepare([str(tmp_path / "good.jsonl")], str(tmp_path / "out"), tokenizer=str(bpe_dir), val_fraction=0.2, quiet=True)
+    before = tree(tmp_path)
+    p = run_cli("prepare", "--input", tmp_path / name, "--out_dir", tmp_path / "out", "--tokenizer", bpe_dir,
+                "--chunk_chars", "1000", "--workers", "1", "--overwrite")
+    refused(p, name, where)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_under_a_file", "out_is_a_run", "out_has_checkpoints",
+                                  "input_dir_missing"])
+def test_paths_of_the_wrong_kind_are_refused_before_anything_is_written(tmp_path, case):
+    (tmp_path / "text.txt").write_text("some text to prepare\n" * 50)
+    (tmp_path / "notes").write_text("a file, not a directory")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    if case == "out_is_a_run":
+        (run / "config.yaml").write_text("max_steps: 10\n")
+        (run / "metrics.jsonl").write_text("")
+    src, out, words = {
+        "out_is_a_file": ("text.txt", "notes", ["notes", "is a file, not a directory"]),
+        "out_under_a_file": ("text.txt", "notes/data", ["notes", "is a file, not a directory"]),
+        "out_is_a_run": ("text.txt", "run", ["run", "training run directory"]),
+        "out_has_checkpoints": ("text.txt", "run", ["run", "training run directory"]),
+        "input_dir_missing": ("corpus/", "out", ["corpus/", "does not exist"]),
+    }[case]
+    before = tree(tmp_path)
+    p = run_cli("prepare", "--input", src, "--out_dir", out, "--tokenizer", "char", "--overwrite", cwd=tmp_path)
+    refused(p, *words)
+    assert tree(tmp_path) == before

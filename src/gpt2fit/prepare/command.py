@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from gpt2fit import formats, options
+from gpt2fit.config import parse_count
 from gpt2fit.errors import UserError
 from gpt2fit.options import opt
 from gpt2fit.prepare.encode import VERIFY_CHARS, choose_encoder
 from gpt2fit.prepare.shards import CHUNK_CHARS, FORMAT, MANIFEST, SHARDS, SPLIT_COUNTS, Run, concat, disk_error
-from gpt2fit.prepare.sources import documents, hub_streams, local_streams
+from gpt2fit.prepare.sources import BadInput, documents, hub_streams, local_streams
 from gpt2fit.prepare.tokenizers import TOKENIZER_TRAIN_CHARS, eot_id, fingerprint, load_tokenizer, make_tokenizer
-from gpt2fit.units import format_count, format_duration, parse_count
+from gpt2fit.units import format_count, format_duration
 
 PROG = "gpt2fit prepare"
 DESCRIPTION = "Tokenize text into train.bin / val.bin / meta.json for training."
@@ -110,17 +111,12 @@ COUNTS = ("tokenizer_train_docs", "tokenizer_train_chars", "max_chars", "max_tok
 
 
 def parse_args(argv) -> dict:
-    """argv -> ``prepare``'s keyword arguments (counts such as 10B read by units.parse_count)."""
+    """argv -> ``prepare``'s keyword arguments (counts such as 10B read as training reads them)."""
     sections, _ = options.parse(argv, SECTIONS, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
     kw = {k: v for s in sections for k, v in asdict(s).items()}
     for key in COUNTS:
         if kw[key] is not None:
-            try:
-                kw[key] = parse_count(kw[key])
-            except UserError as e:
-                raise UserError(f"--{key}: {e}") from None
-            if kw[key] <= 0:
-                raise UserError(f"--{key} must be a positive count, got {kw[key]}; e.g. 300k, 2.5M, 10B.")
+            kw[key] = parse_count(kw[key], f"--{key}")
     if not kw["out_dir"]:
         raise UserError("--out_dir is required: the directory where train.bin, val.bin and meta.json go.")
     kw["inputs"], kw["use_tiktoken"], kw["resume"] = kw.pop("input"), not kw.pop("no_tiktoken"), not kw.pop("no_resume")
@@ -160,6 +156,12 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
         if value is not None and value < 1:
             raise UserError(f"{key}={value} must be at least 1 (or left out for the default).")
     out = Path(out_dir)
+    here = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at the latest
+    if not here.is_dir():
+        raise UserError(f"--out_dir {out}: {here} is a file, not a directory; choose a directory for the data.")
+    if formats.is_run_dir(out) or any((out / name).is_dir() for name in (formats.CHECKPOINTS, formats.FINAL)):
+        raise UserError(f"--out_dir {out} is a training run directory ({formats.CONFIG}, {formats.METRICS}, "
+                        f"{formats.CHECKPOINTS}/); put the prepared data in a directory of its own, e.g. data/NAME.")
     if (out / formats.META).exists() and not overwrite:
         raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it or choose "
                         "another --out_dir.")
@@ -193,6 +195,9 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
         tok, kind = make_tokenizer(tokenizer, vocab_size, streams, train_docs=tokenizer_train_docs,
                                    train_chars=tokenizer_train_chars)
     eot, dtype, tok_json = eot_id(tok), formats.dtype_for_vocab(len(tok)), tok.backend_tokenizer.to_str()
+    # the encoder is chosen on the first documents, identically on every (re)run, before anything is written
+    encoder, encoder_note = choose_encoder(tok_json, documents(streams[0], max_docs=256, max_chars=VERIFY_CHARS),
+                                           allow_tiktoken=use_tiktoken)
     if not resuming:
         try:
             if shard_dir.exists():
@@ -202,12 +207,6 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
             formats.write_json_atomic(shard_dir / MANIFEST, {"key": key, "kind": kind, "args": key_args})
         except OSError as e:
             raise disk_error(shard_dir, e) from None
-    if overwrite:  # from here on the old data is being replaced: never leave it looking valid
-        (out / formats.META).unlink(missing_ok=True)
-
-    # the encoder is chosen on the first documents, identically on every (re)run
-    encoder, encoder_note = choose_encoder(tok_json, documents(streams[0], max_docs=256, max_chars=VERIFY_CHARS),
-                                           allow_tiktoken=use_tiktoken)
     rng = np.random.default_rng(seed)
     run = Run(shard_dir, tok_json, encoder, eot, dtype, workers if split == "documents" else 1, resume, quiet)
     used: list[dict] = []
@@ -222,27 +221,31 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
                                    max_chars=int(max_chars * val_fraction) if own_val and max_chars else max_chars,
                                    max_tokens=max(1, int(max_tokens * val_fraction)) if own_val and max_tokens
                                    else max_tokens)
+        n = {k: sum(u[k] for u in used) for k in (*SPLIT_COUNTS, "source_docs", "chars", "empty", "replaced")}
+        if n["source_docs"] == 0:
+            raise BadInput(f"no text found in {dataset or ', '.join(inputs)} (empty files?); nothing was written.")
+        if len(streams) > 1 and n["val_docs"] == 0:
+            raise BadInput(f"the val split {source['val_split']!r} of {dataset!r} has no text; choose another "
+                           "--val_split_name or leave it out to hold out a --val_fraction of documents.")
+        if split == "documents" and n["val_docs"] == 0 and n["train_docs"] > 1:
+            raise BadInput(f"no document landed in the val split ({n['train_docs']} documents, "
+                           f"val_fraction={val_fraction}); raise --val_fraction or use --split chars.")
         ok = True
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(list(shard_dir.glob('*.done')))} chunks are complete in {shard_dir}; rerun "
               "the same command to resume.", file=sys.stderr)
         raise
-    finally:
-        run.close(ok)
-
-    n = {k: sum(u[k] for u in used) for k in (*SPLIT_COUNTS, "source_docs", "chars", "empty", "replaced")}
-    if n["source_docs"] == 0:
+    except BadInput:  # fixing it changes the key: what this run wrote is of no use
+        run.close(False)  # first, so that no worker writes a shard while they are deleted
         shutil.rmtree(shard_dir, ignore_errors=True)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # made by this run and still empty
-        raise UserError(f"no text found in {dataset or ', '.join(inputs)} (empty files?); nothing was written.")
-    if len(streams) > 1 and n["val_docs"] == 0:
-        raise UserError(f"the val split {source['val_split']!r} of {dataset!r} has no text; choose another "
-                        "--val_split_name or leave it out to hold out a --val_fraction of documents.")
-    if split == "documents" and n["val_docs"] == 0 and n["train_docs"] > 1:
-        raise UserError(f"no document landed in the val split ({n['train_docs']} documents, "
-                        f"val_fraction={val_fraction}); raise --val_fraction or use --split chars.")
+        raise
+    finally:
+        run.close(ok)
 
+    if overwrite:  # from here on the old data is being replaced: never leave it looking valid
+        (out / formats.META).unlink(missing_ok=True)
     for s in ("train", "val"):
         concat(shard_dir, used, s, out / f"{s}.bin", dtype)
     tok_dir = out / formats.TOKENIZER_DIR
@@ -286,6 +289,6 @@ def summary(out: Path, meta: dict) -> str:
         f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} documents",
         f"  {format_count(tokens / sec)} tokens/s, {format_count(docs / sec)} documents/s with {enc['kind']} x "
         f"{enc['workers']} worker(s); {enc['chunks']} chunks ({enc['chunks_resumed']} resumed)",
-        f"  skipped {src['empty_skipped']:,} empty documents; {src['documents_with_replaced_bytes']:,} documents "
-        "had non-UTF-8 bytes (replaced by U+FFFD)",
+        f"  skipped {src['empty_skipped']:,} empty documents and {src.get('binary_skipped', 0):,} binary files; "
+        f"{src['documents_with_replaced_bytes']:,} documents had non-UTF-8 bytes (replaced by U+FFFD)",
     ])

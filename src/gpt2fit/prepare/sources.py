@@ -1,20 +1,31 @@
 """Where prepare's documents come from: local files, directories, globs, the stdlib, Hub datasets.
 A source is one or two ordered ``Stream``s: ``docs`` (a seeded val_fraction of them becomes validation),
-or ``val`` + ``train`` for a dataset's own validation split. Bad UTF-8 is replaced (U+FFFD) and counted."""
+or ``val`` + ``train`` for a dataset's own validation split. Bad UTF-8 is replaced (U+FFFD) and counted;
+text with a byte-order mark (UTF-8/16/32) is decoded by it; binary files in a directory or glob are skipped."""
 
 from __future__ import annotations
 
+import codecs
 import glob
+import io
 import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from gpt2fit.errors import UserError
 
 BUILTIN_SOURCES = ("stdlib",)
 Record = tuple  # (text: str | None, replaced: bool, units: float)
+# longest first: UTF-32 LE's mark starts with UTF-16 LE's; the codecs read the mark (and so the byte order)
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+BINARY = "binary"
+
+
+class BadInput(UserError):
+    """Input that cannot be prepared as given. Fixing it changes the key: prepare deletes the shards it made."""
 
 
 @dataclass
@@ -49,27 +60,54 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Files named by paths, directories (recursively) and globs, in a stable order."""
-    out: list[Path] = []
+def sniff(path: Path) -> str | None:
+    """The codec a byte-order mark names; BINARY for a NUL byte in the first 8 KiB (git's test); else None."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(8192)
+    return next((enc for bom, enc in BOMS if head.startswith(bom)), BINARY if b"\0" in head else None)
+
+
+def expand_inputs(inputs: Iterable[str]) -> tuple[list[tuple[Path, str | None]], int]:
+    """Files named by paths, directories (recursively) and globs, in a stable order, each with its
+    ``sniff``; and the number of binary files skipped (a binary file named by itself is an error)."""
+    out: list[tuple[Path, str | None]] = []
+    skipped = 0
     for spec in inputs:
-        if spec in BUILTIN_SOURCES:
-            out.extend(stdlib_files())
-            continue
         p = Path(spec)
-        if p.is_dir():
+        if spec in BUILTIN_SOURCES:
+            found = stdlib_files()
+        elif p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
         elif any(ch in spec for ch in "*?["):
             found = sorted(Path(q) for q in glob.glob(spec, recursive=True) if Path(q).is_file())
         elif p.is_file():
             found = [p]
         else:
-            raise UserError(f"input {spec!r} does not exist; give a file, a directory, a glob or "
-                            f"{'/'.join(BUILTIN_SOURCES)}.")
+            raise UserError(f"input {spec!r} {'is not a file or a directory' if p.exists() else 'does not exist'}; "
+                            f"give a file, a directory, a glob or {'/'.join(BUILTIN_SOURCES)}.")
         if not found:
             raise UserError(f"input {spec!r} matched no files.")
-        out.extend(found)
-    return out
+        text = [(q, enc) for q, enc in ((q, sniff(q)) for q in found) if enc != BINARY]
+        if not text:
+            what = ("is a binary file (a NUL byte in its first 8 KiB)" if p.is_file()
+                    else f"matched only binary files ({len(found)}, e.g. {found[0]})")
+            raise UserError(f"input {spec!r} {what}, not text; give text, JSON (lines), CSV/TSV or Parquet "
+                            "files (UTF-16/32 text needs its byte-order mark).")
+        skipped += len(found) - len(text)
+        out.extend(text)
+    return out, skipped
+
+
+def _utf8(path: Path, enc: str | None) -> BinaryIO:
+    """The file as UTF-8 bytes after any byte-order mark. UTF-16/32 (PowerShell writes UTF-16 LE) is
+    decoded whole, so the tokens are the text's, not every other one a NUL."""
+    if enc in (None, "utf-8-sig"):
+        fh = open(path, "rb")
+        fh.seek(len(codecs.BOM_UTF8) if enc else 0)
+        return fh
+    return io.BytesIO(path.read_bytes().decode(enc).encode("utf-8"))
 
 
 def _decode(raw: bytes) -> tuple[str, bool]:
@@ -80,40 +118,40 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 
 
 def _no_column(where, column, names) -> UserError:
-    return UserError(f"{where}: no text column {column!r}; columns: {sorted(names)}. Pass --text_column NAME.")
+    return BadInput(f"{where}: no text column {column!r}; columns: {sorted(names)}. Pass --text_column NAME.")
 
 
-def _field(path: Path, i: int, rec, column: str) -> str:
+def _field(where: str, rec, column: str) -> str:
     """The text of one JSON record ('' for null)."""
     if not isinstance(rec, dict) or column not in rec:
-        raise _no_column(f"{path}: record {i}", column, rec if isinstance(rec, dict) else [])
+        raise _no_column(where, column, rec if isinstance(rec, dict) else [])
     text = rec[column]
     return text if isinstance(text, str) else ("" if text is None else str(text))
 
 
-def _iter_json(path: Path, column: str) -> Iterator[Record]:
+def _iter_json(path: Path, column: str, enc: str | None) -> Iterator[Record]:
     """A JSON array of records (read whole), or JSON lines (streamed) in a .json or .jsonl file."""
-    with open(path, "rb") as fh:
+    with _utf8(path, enc) as fh:
+        start = fh.tell()
         if fh.read(4096).lstrip().startswith(b"["):
-            fh.seek(0)
+            fh.seek(start)
             text, replaced = _decode(fh.read())
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} is not valid JSON ({e}); fix the file or write it as JSON lines.") from None
+            records = json.loads(text)
             for i, rec in enumerate(records):
-                yield _field(path, i, rec, column), replaced, len(text) / len(records)
+                yield _field(f"{path}: record {i}", rec, column), replaced, len(text) / len(records)
             return
-        fh.seek(0)
-        for i, raw in enumerate(fh):
+        fh.seek(start)
+        for i, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             line, replaced = _decode(raw)
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); fix or remove the line.") from None
-            text = _field(path, i, rec, column)
+            except json.JSONDecodeError as e:  # an unfinished line fails past its newline: say its end
+                column_no = min(e.pos, len(line.rstrip("\r\n"))) + 1
+                raise BadInput(f"{path}: line {i}, column {column_no} is not valid JSON ({e.msg}); fix or remove "
+                               "the line.") from None
+            text = _field(f"{path}: line {i}", rec, column)
             if "\\ud" in line or "\\uD" in line:  # a JSON escape can smuggle in a lone surrogate
                 try:
                     text.encode("utf-8")
@@ -122,7 +160,7 @@ def _iter_json(path: Path, column: str) -> Iterator[Record]:
             yield text, replaced, len(raw)
 
 
-def _iter_parquet(path: Path, column: str) -> Iterator[Record]:
+def _iter_parquet(path: Path, column: str, enc: None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -134,18 +172,16 @@ def _iter_parquet(path: Path, column: str) -> Iterator[Record]:
             yield t, False, per
 
 
-def _iter_csv(path: Path, column: str) -> Iterator[Record]:
+def _iter_csv(path: Path, column: str, enc: str | None) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    try:  # the text column is read as bytes and decoded here, so bad UTF-8 is replaced, not fatal
-        reader = pcsv.open_csv(
-            path, read_options=pcsv.ReadOptions(block_size=1 << 24),
-            parse_options=pcsv.ParseOptions(delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
-                                            newlines_in_values=True),
-            convert_options=pcsv.ConvertOptions(column_types={column: pa.binary()}))
-    except pa.ArrowInvalid as e:
-        raise UserError(f"{path}: cannot read as CSV ({e}).") from None
+    # the text column is read as bytes and decoded here, so bad UTF-8 is replaced, not fatal
+    reader = pcsv.open_csv(  # pyarrow skips a UTF-8 byte-order mark itself
+        path if enc in (None, "utf-8-sig") else _utf8(path, enc), read_options=pcsv.ReadOptions(block_size=1 << 24),
+        parse_options=pcsv.ParseOptions(delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                                        newlines_in_values=True),
+        convert_options=pcsv.ConvertOptions(column_types={column: pa.binary()}))
     names = reader.schema.names
     if column not in names:
         raise _no_column(str(path), column, names)
@@ -157,26 +193,36 @@ def _iter_csv(path: Path, column: str) -> Iterator[Record]:
                 yield *_decode(raw), len(raw)
 
 
-def _iter_text(path: Path, column: str) -> Iterator[Record]:
-    raw = path.read_bytes()  # txt, md, py, ...: the whole file is one document
+def _iter_text(path: Path, column: str, enc: str | None) -> Iterator[Record]:
+    with _utf8(path, enc) as fh:
+        raw = fh.read()  # txt, md, py, ...: the whole file is one document
     yield *_decode(raw), len(raw)
 
 
 _READERS = {".jsonl": _iter_json, ".json": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv, ".tsv": _iter_csv}
 
 
-def _iter_local(files: list[Path], column: str) -> Iterator[Record]:
-    for path in files:
-        yield from _READERS.get(path.suffix.lower(), _iter_text)(path, column)
+def _iter_local(files: list[tuple[Path, str | None]], column: str) -> Iterator[Record]:
+    for path, enc in files:
+        n = 0
+        try:
+            for n, record in enumerate(_READERS.get(path.suffix.lower(), _iter_text)(path, column, enc), 1):
+                yield record
+        except (ValueError, OSError) as e:  # how json, pyarrow and the codecs report a damaged file
+            raise BadInput(f"cannot read {path} after {n:,} records ({e}); fix the file or write it again.") from None
 
 
 def local_streams(inputs: list[str], text_column: str) -> tuple[list[Stream], dict]:
-    files = expand_inputs(inputs)
-    stats = [p.stat() for p in files]
+    files, binary = expand_inputs(inputs)
+    for file in files:  # a damaged Parquet file or a missing column is refused before anything is written
+        if file[0].suffix.lower() == ".parquet":
+            next(_iter_local([file], text_column), None)
+    stats = [p.stat() for p, _ in files]
     stream = Stream("docs", lambda: _iter_local(files, text_column), float(sum(s.st_size for s in stats)), "B")
     # the key covers the files' identity, so a changed corpus is never resumed from stale shards
-    ident = [(str(p), s.st_size, s.st_mtime_ns) for p, s in zip(files, stats)]
-    return [stream], {"inputs": list(inputs), "files": len(files), "_files": ident}
+    ident = [(str(p), s.st_size, s.st_mtime_ns) for (p, _), s in zip(files, stats)]
+    return [stream], {"inputs": list(inputs), "files": len(files), "binary_skipped": binary,
+                      "decoded_from_bom": sum(enc is not None for _, enc in files), "_files": ident}
 
 
 # -- Hugging Face datasets -------------------------------------------------------------------
