@@ -16,9 +16,10 @@ Endpoints (what `create_repo`, `create_branch`, `upload_folder`, `upload_file`, 
                                                  of the stored file so unchanged files are skipped
     POST /api/models/{repo}/commit/{rev}         NDJSON: header, file (base64), deletedFile, deletedFolder
                                                  -> {commitOid, commitUrl}; lfsFile -> 400
-    GET  /api/models/{repo}[/revision/{rev}]     repo_info -> {id, sha, private, siblings}
+    GET  /api/models/{repo}[/revision/{rev}]     repo_info / model_info -> {id, sha, private, siblings, cardData}
     GET  /api/whoami-v2                          -> {type: user, name}
-    GET  /{repo}/resolve/{rev}/{path}            raw file (for hf_hub_download-style reads)
+    GET  /{repo}/resolve/{rev}/{path}            raw file (for hf_hub_download-style reads); rev: a branch or
+                                                 the commit it points to
 
 Failure injection: ``fail_all=401`` answers every request with 401; ``valid_tokens={...}``
 answers 401 to other tokens (with the Hub's "Invalid credentials" message);
@@ -38,6 +39,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import yaml
 
 _REPO_API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(preupload|commit|branch|revision)/(.+))?$")
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
@@ -104,6 +107,11 @@ class FakeHub:
     def count(self, endpoint: str, status: int | None = None) -> int:
         with self.lock:
             return sum(r["endpoint"] == endpoint and status in (None, r["status"]) for r in self.requests)
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes]) -> None:
+        """A repo that exists before the test, e.g. a base model with its card."""
+        with self.lock:
+            self.repos[repo_id] = {"private": False, "branches": {"main": {"files": dict(files), "sha": _new_sha()}}}
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         with self.lock:
@@ -337,16 +345,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
                 return
             branch = repo["branches"][rev]
+            readme = branch["files"].get("README.md", b"").decode()  # the Hub's cardData: the card's YAML header
             info = {"id": repo_id, "sha": branch["sha"], "private": repo["private"],
-                    "siblings": [{"rfilename": p} for p in sorted(branch["files"])]}  # fmt: skip
+                    "siblings": [{"rfilename": p} for p in sorted(branch["files"])],
+                    "cardData": yaml.safe_load(readme.split("---")[1]) if readme.startswith("---") else None}  # fmt: skip
         self._send(200, info)
 
     def _ep_resolve(self, match, body) -> None:
         repo_id, rev, path = match.group(1), unquote(match.group(2)), unquote(match.group(3))
         with self.hub.lock:
-            repo = self._repo(repo_id)
-            data = repo["branches"].get(rev, {}).get("files", {}).get(path) if repo else None
-            sha = repo["branches"][rev]["sha"] if repo and rev in repo["branches"] else None
+            repo = self._repo(repo_id)  # rev: a branch, or the commit a branch points to (from_pretrained asks so)
+            branch = repo and (repo["branches"].get(rev) or next((b for b in repo["branches"].values()
+                                                                  if b["sha"] == rev), None))
+            data, sha = (branch["files"].get(path), branch["sha"]) if branch else (None, None)
         if data is None:
             self._error(404, "Entry not found", "EntryNotFound")
             return

@@ -140,19 +140,17 @@ def reference_loss(model, tokens, block_size, window_indices=None):
 
 
 def reference_hellaswag(model, tok, example, max_len=N_POSITIONS):
-    """Per ending: (sum of log-probs of its tokens, token count), one ending per forward."""
-    ctx = tok.encode(example["ctx"], add_special_tokens=False)
-    ends = [tok.encode(" " + e, add_special_tokens=False) for e in example["endings"]]
-    longest = max(len(e) for e in ends)
-    if len(ctx) + longest > max_len:
-        ctx = ctx[len(ctx) + longest - max_len :]
+    """Per ending: (sum of log-probs of its tokens, token count), one ending per forward, the pair
+    encoded whole and cut to its last max_len + 1 tokens (lm-eval's HFLM)."""
     out = []
     with torch.no_grad():
-        for e in ends:
-            ids = torch.tensor([ctx + e])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-            s = sum(logp[len(ctx) + i - 1, t].item() for i, t in enumerate(e))
-            out.append((s, len(e)))
+        for e in example["endings"]:
+            ctx = tok.encode(example["ctx"])
+            cont = tok.encode(example["ctx"] + " " + e)[len(ctx):]
+            ids = (ctx + cont)[-(max_len + 1):]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0].double(), dim=-1)
+            s = sum(logp[len(ids) - 1 - len(cont) + i, t].item() for i, t in enumerate(cont))
+            out.append((s, len(cont)))
     return out
 
 
@@ -296,13 +294,19 @@ def test_data_dir_errors(loaded, tmp_path, tokens):
 
 
 def test_load_hellaswag_original_schema():
-    ex = hs.load_hellaswag(FIXTURE)
     raw = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
-    assert len(ex) == len(raw) == 6
-    for e, r in zip(ex, raw):
-        assert set(e) == {"ctx", "endings", "label"}
-        assert e == {"ctx": r["ctx"], "endings": r["endings"], "label": r["label"]}
     assert {"ind", "activity_label", "ctx_a", "ctx_b", "split", "source_id"} <= set(raw[0])
+    plain = hs.load_hellaswag(FIXTURE, text="raw")
+    assert len(plain) == len(raw) == 6
+    for e, r in zip(plain, raw):
+        assert (e["ctx"], e["endings"], e["label"]) == (r["ctx"], r["endings"], r["label"])
+        assert e["where"].startswith(f"{FIXTURE}:")
+    ex = hs.load_hellaswag(FIXTURE)  # lm-eval's text: "activity_label: ctx_a Ctx_b", brackets removed
+    assert ex[0]["ctx"] == ("Removing ice from car: Then, the man writes over the snow covering the window of a car, "
+                            "and a woman wearing winter clothes smiles. Then")
+    wikihow = next(e for e, r in zip(ex, raw) if "[" in r["ctx"])
+    assert "[" not in wikihow["ctx"] and not any("[" in x for x in wikihow["endings"])
+    assert [e["label"] for e in ex] == [r["label"] for r in raw]
 
 
 def test_load_hellaswag_hub_schema_via_datasets(tmp_path):
@@ -315,7 +319,8 @@ def test_load_hellaswag_hub_schema_via_datasets(tmp_path):
             row = json.loads(line)
             row["label"] = str(row["label"])
             f.write(json.dumps(row) + "\n")
-    assert hs.load_hellaswag(str(d)) == hs.load_hellaswag(FIXTURE)
+    strip = lambda exs: [{k: v for k, v in e.items() if k != "where"} for e in exs]  # noqa: E731
+    assert strip(hs.load_hellaswag(str(d))) == strip(hs.load_hellaswag(FIXTURE))
 
 
 def test_load_hellaswag_errors(tmp_path):
@@ -324,7 +329,26 @@ def test_load_hellaswag_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 0}) + "\n")
     with pytest.raises(UserError, match="4 string endings"):
+        hs.load_hellaswag(bad, text="raw")
+    # lm-eval's text needs activity_label, ctx_a, ctx_b: the error names the line and the fields
+    row = json.loads(FIXTURE.read_text().splitlines()[0])
+    del row["ctx_b"]
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError) as e:
         hs.load_hellaswag(bad)
+    assert str(e.value).startswith(f"{bad}:1: HellaSwag example without ctx_b")
+    assert hs.load_hellaswag(bad, text="raw")[0]["ctx"] == row["ctx"]  # raw text reads ctx only
+
+
+def test_an_ending_longer_than_the_model_is_an_error_naming_the_example(loaded, tmp_path):
+    model, tok = loaded
+    row = json.loads(FIXTURE.read_text().splitlines()[1])
+    row["endings"][2] = " ".join(["dough"] * 3 * N_POSITIONS)
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError) as e:
+        hs.score_hellaswag(model, tok, hs.load_hellaswag(f))
+    assert str(e.value).startswith(f"HellaSwag {f}:1: ending 2 is ") and f"{N_POSITIONS} positions" in str(e.value)
 
 
 def test_hellaswag_subset_is_deterministic():
@@ -337,13 +361,14 @@ def test_hellaswag_subset_is_deterministic():
     assert hs.hellaswag_subset(ex, 100, seed=1) == ex
 
 
-def test_score_hellaswag_matches_per_ending_reference(loaded):
+@pytest.mark.parametrize("text", hs.TEXTS)
+def test_score_hellaswag_matches_per_ending_reference(loaded, text):
     model, tok = loaded
-    examples = hs.load_hellaswag(FIXTURE)
-    # The WikiHow example does not fit 64 positions: the context is left-truncated.
-    ctx, ends = hs.encode_hellaswag_example(tok, examples[3], N_POSITIONS)
-    assert len(tok.encode(examples[3]["ctx"])) + max(map(len, ends)) > N_POSITIONS
-    assert len(ctx) + max(map(len, ends)) == N_POSITIONS
+    examples = hs.load_hellaswag(FIXTURE, text=text)
+    # The WikiHow example does not fit 64 positions: each pair is cut to its last 65 tokens
+    rows = hs.encode_example(tok, examples[3], N_POSITIONS)
+    assert len(tok.encode(examples[3]["ctx"])) + max(n for _, n in rows) > N_POSITIONS + 1
+    assert [len(r) for r, _ in rows] == [N_POSITIONS + 1] * 4
 
     refs = [reference_hellaswag(model, tok, e) for e in examples]
     model.train()  # dropout on: the scorer must switch to eval and back
@@ -353,22 +378,21 @@ def test_score_hellaswag_matches_per_ending_reference(loaded):
     finally:
         model.eval()
 
-    want = {"pred": [], "pred_norm": [], "pred_norm_char": []}
+    want = {"pred": [], "pred_norm": [], "pred_norm_token": []}
     for ex, ref, det in zip(examples, refs, r["details"]):
         sums = [s for s, _ in ref]
         assert det["logprob_sum"] == pytest.approx(sums, abs=1e-3)
         assert det["n_tokens"] == [n for _, n in ref]
         want["pred"].append(int(np.argmax(sums)))
-        want["pred_norm"].append(int(np.argmax([s / n for s, n in ref])))
-        want["pred_norm_char"].append(int(np.argmax([s / len(e) for s, e in zip(sums, ex["endings"])])))
+        want["pred_norm"].append(int(np.argmax([s / len(e) for s, e in zip(sums, ex["endings"])])))
+        want["pred_norm_token"].append(int(np.argmax([s / n for s, n in ref])))
     for key, preds in want.items():
         assert [d[key] for d in r["details"]] == preds
     labels = [e["label"] for e in examples]
     assert r["n"] == 6
     assert r["acc"] == pytest.approx(np.mean([p == y for p, y in zip(want["pred"], labels)]))
     assert r["acc_norm"] == pytest.approx(np.mean([p == y for p, y in zip(want["pred_norm"], labels)]))
-    assert r["acc_norm_char"] == pytest.approx(np.mean([p == y for p, y in zip(want["pred_norm_char"], labels)]))
-    assert "per-token" in r["normalization"]
+    assert r["acc_norm_token"] == pytest.approx(np.mean([p == y for p, y in zip(want["pred_norm_token"], labels)]))
 
     # batch size does not change the answer
     r1 = hs.score_hellaswag(model, tok, examples, batch_size=1, return_details=True)
@@ -409,10 +433,9 @@ def test_cli_eval_run_dir_writes_and_merges(run_dir, data_dir, loaded, capsys):
     assert ppl["loss"] == pytest.approx(direct["loss"], rel=1e-5)
     assert ppl["ppl"] == pytest.approx(math.exp(ppl["loss"]), rel=1e-9)
     direct_hs = hs.score_hellaswag(model, tok, hs.load_hellaswag(FIXTURE)[:5])
-    assert hsr["n"] == 5 and hsr["source"] == str(FIXTURE)
-    for k in ("acc", "acc_norm", "acc_norm_char"):
+    assert hsr["n"] == 5 and hsr["source"] == str(FIXTURE) and hsr["text"] == "lm_eval"
+    for k in ("acc", "acc_norm", "acc_norm_token"):
         assert hsr[k] == pytest.approx(direct_hs[k])
-    assert hsr["normalization"]
     out = capsys.readouterr().out
     assert "acc_norm" in out and "wrote" in out
 
@@ -508,6 +531,14 @@ def test_eval_gives_the_training_logs_val_loss(char_data, tmp_path):
     res = json.loads((run / "eval_results.json").read_text())["perplexity"]
     assert res["windows"] == 16
     assert res["loss"] == pytest.approx(last["val_loss"], rel=1e-5, abs=1e-6)
+    # final/ loads in transformers 4.x too: a class 4.x knows (not 5.x's TokenizersBackend), and a
+    # model_max_length the model can take; generation config as stock GPT-2's (greedy unless asked)
+    tok_config = json.loads((run / "final" / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_config["model_max_length"] == 32
+    assert "local_files_only" not in tok_config
+    gen = json.loads((run / "final" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == gen["eos_token_id"] == json.loads((run / "final" / "config.json").read_text())[
+        "eos_token_id"] and "do_sample" not in gen
 
 
 # ------------------------------------------------------------------------------------------
@@ -546,5 +577,85 @@ def test_two_processes_give_the_same_answer(loaded, model_dir, data_dir, tmp_pat
     assert res["perplexity"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
     ref = hs.score_hellaswag(model, tok, hs.load_hellaswag(FIXTURE))
     assert res["hellaswag"]["n"] == 6
-    for k in ("acc", "acc_norm", "acc_norm_char"):
+    for k in ("acc", "acc_norm", "acc_norm_token"):
         assert res["hellaswag"][k] == pytest.approx(ref[k])
+
+
+# ------------------------------------------------------------------------------------------
+# lm-evaluation-harness (the eval extra): a local hellaswag-format task, offline
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_eval_task(tmp_path_factory):
+    """A task dir with `hellaswag_tiny`: lm-eval's own hellaswag.yaml (its preprocessing and
+    metrics, included) over 24 local items: the fixture's 6, each with its endings rotated 4 ways."""
+    lm_eval = pytest.importorskip("lm_eval")
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    rows = []
+    for line in FIXTURE.read_text().splitlines():
+        row = json.loads(line)
+        for k in range(4):
+            rows.append({**row, "ind": len(rows), "endings": row["endings"][k:] + row["endings"][:k],
+                         "label": str((row["label"] - k) % 4)})
+    (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "hellaswag_tiny.yaml").write_text(
+        f"include: {Path(lm_eval.__file__).parent / 'tasks' / 'hellaswag' / 'hellaswag.yaml'}\n"
+        f"task: hellaswag_tiny\ndataset_path: json\ndataset_name: null\ntraining_split: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {d / 'items.jsonl'}\n")
+    return d
+
+
+def test_builtin_hellaswag_agrees_with_lm_eval_item_by_item(loaded, lm_eval_task):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok = loaded
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks=["hellaswag_tiny"],
+                                  task_manager=TaskManager(include_path=str(lm_eval_task)), log_samples=True)
+    theirs = sorted(out["samples"]["hellaswag_tiny"], key=lambda s: s["doc_id"])
+    ours = hs.score_hellaswag(model, tok, hs.load_hellaswag(lm_eval_task / "items.jsonl"), batch_size=5,
+                              return_details=True)
+    assert len(theirs) == ours["n"] == 24
+    for t, o in zip(theirs, ours["details"]):
+        assert o["logprob_sum"] == pytest.approx([r[0] for r in t["filtered_resps"]], abs=1e-3)
+        assert (float(o["pred"] == o["label"]), float(o["pred_norm"] == o["label"])) == (t["acc"], t["acc_norm"])
+    res = out["results"]["hellaswag_tiny"]
+    assert (ours["acc"], ours["acc_norm"]) == pytest.approx((res["acc,none"], res["acc_norm,none"]))
+    assert 0 < ours["acc_norm"] < 1  # the rotations make a mix of right and wrong picks
+    # the raw text (llm.c's) is a different measurement: it picks otherwise on some items here
+    raw = hs.score_hellaswag(model, tok, hs.load_hellaswag(lm_eval_task / "items.jsonl", text="raw"),
+                             return_details=True)
+    assert [d["pred_norm"] for d in raw["details"]] != [d["pred_norm"] for d in ours["details"]]
+
+
+def test_cli_eval_tasks_writes_versions_and_nshot(run_dir, lm_eval_task, loaded, capsys):
+    model, tok = loaded
+    args = ["eval", str(run_dir), "--include_path", str(lm_eval_task), "--batch_size", "4"]
+    assert cli.main([*args, "--hellaswag", str(lm_eval_task / "items.jsonl")]) == 0
+    assert cli.main([*args, "--tasks", "hellaswag_tiny"]) == 0
+    res = json.loads((run_dir / "eval_results.json").read_text())
+    task = res["lm_eval"]["hellaswag_tiny"]
+    assert task["version"] == 1.0 and task["num_fewshot"] == 0 and task["samples"] == 24 and task["limit"] is None
+    assert task["dataset"] == "json" and task["lm_eval_version"]
+    assert set(task["metrics"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert task["metrics"]["acc_norm"] == pytest.approx(res["hellaswag"]["acc_norm"])  # the run before: kept
+    assert "lm-eval hellaswag_tiny (version 1.0, 0-shot, 24 examples)" in capsys.readouterr().out
+    # a second run of other tasks adds to them; --limit and --num_fewshot reach lm-eval
+    assert cli.main([*args, "--tasks", f"{lm_eval_task / 'hellaswag_tiny.yaml'}", "--limit", "3"]) == 0
+    res = json.loads((run_dir / "eval_results.json").read_text())["lm_eval"]
+    assert res["hellaswag_tiny"]["samples"] == 3 and res["hellaswag_tiny"]["limit"] == 3
+
+
+def test_cli_eval_tasks_bad_input(run_dir, lm_eval_task, monkeypatch, capsys):
+    def first_error(*args):
+        assert cli.main(["eval", str(run_dir), *args]) == 2
+        return capsys.readouterr().err.splitlines()[0]
+
+    err = first_error("--tasks", "hellaswag_tinny", "--include_path", str(lm_eval_task))
+    assert err.startswith("error: unknown lm-eval task 'hellaswag_tinny'. Did you mean 'hellaswag_tiny'")
+    assert "--include_path" in first_error("--tasks", "x", "--include_path", str(run_dir / "nope"))
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as without lm_eval installed
+    assert "pip install 'gpt2fit[eval]'" in first_error("--tasks", "hellaswag")
+    assert not (run_dir / "eval_results.json").exists()

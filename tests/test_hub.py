@@ -57,6 +57,14 @@ def _save_tiny_model(final: Path) -> None:
     tok.save_pretrained(final)
 
 
+def _save_checkpoint_weights(final: Path, ck: Path, scale: float) -> None:
+    """model.safetensors as Accelerate saves the training CausalLM: keys prefixed "lm.", other values."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(final / "model.safetensors")
+    save_file({f"lm.{k}": v * scale for k, v in weights.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished run dir following the contract in gpt2fit/formats.py."""
@@ -77,19 +85,27 @@ def run_dir(tmp_path_factory) -> Path:
                "device": "cpu", "wall_time_s": 12.5}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     evals = {"perplexity": {"split": "val", "loss": 5.0, "ppl": 148.41, "tokens": 4096},
-             "hellaswag": {"acc": 0.25, "acc_norm": 0.26, "n": 100, "normalization": "length"}}  # fmt: skip
+             "hellaswag": {"acc": 0.25, "acc_norm": 0.26, "acc_norm_token": 0.27, "n": 100, "text": "lm_eval"},
+             "lm_eval": {"hellaswag": {"metrics": {"acc": 0.2891, "acc_stderr": 0.0045, "acc_norm": 0.3114,
+                                                   "acc_norm_stderr": 0.0046}, "version": 1.0, "num_fewshot": 0,
+                                       "samples": 10042, "dataset": "Rowan/hellaswag", "limit": None,
+                                       "lm_eval_version": "0.4.13"},
+                         "tiny_local": {"metrics": {"acc": 0.5}, "version": 2, "num_fewshot": 5, "samples": 6,
+                                        "dataset": "json", "limit": None, "lm_eval_version": "0.4.13"}}}  # fmt: skip
     (run / "eval_results.json").write_text(json.dumps(evals))
     rows = [{"kind": "train", "step": 20, "tokens": 10240, "loss": 5.2, "lr": 6e-5},
             {"kind": "eval", "step": 20, "tokens": 10240, "val_loss": 5.1234, "val_ppl": 167.9}]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "loss.png").write_bytes(_png())
+    (run / "gpt2fit").mkdir()  # Accelerate's TensorBoard tracker writes <out_dir>/gpt2fit/events.out.tfevents.*
+    (run / "gpt2fit" / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"tensorboard events")
     # complete (formats.complete_checkpoints: a manifest): step_10, step_00000030;
     # incomplete: step_20 (no manifest), .tmp-step_00000040 (interrupted save)
-    for name, marker in (("step_10", "MANIFEST.json"), ("step_00000030", "MANIFEST.json"), ("step_20", None),
-                         (".tmp-step_00000040", None)):  # fmt: skip
+    for i, (name, marker) in enumerate((("step_10", "MANIFEST.json"), ("step_00000030", "MANIFEST.json"),
+                                        ("step_20", None), (".tmp-step_00000040", None))):  # fmt: skip
         ck = run / "checkpoints" / name
         ck.mkdir(parents=True)
-        (ck / "model.safetensors").write_bytes((run / "final" / "model.safetensors").read_bytes())
+        _save_checkpoint_weights(run / "final", ck, scale=0.5 * (i + 1))
         (ck / "optimizer.bin").write_bytes(b"optimizer state pickle")
         (ck / "random_states_0.pkl").write_bytes(b"rng pickle")
         (ck / "trainer_state.json").write_text(json.dumps({"step": 10, "position": 640}))
@@ -135,24 +151,28 @@ def test_push_run_uploads_a_loadable_model_with_card(run_dir, tmp_path):
         files = fake.files(REPO)
         out = fake.write_out(REPO, tmp_path / "pulled")
         assert fake.repos[REPO]["private"] is True
-        assert len(fake.commits) == 1, "model, card and extras go up as one commit"
+        main_commits = [c for c in fake.commits if c["revision"] == "main"]
+        assert len(main_commits) == 1, "model, card and extras go up as one commit"
+        assert [c["revision"] for c in fake.commits[1:]] == ["step10", "step30"]  # one commit per checkpoint branch
         assert fake.count("validate_yaml") == 1  # create_commit has the card checked first
         assert set(fake.tokens_seen) == {SECRET}, "the token comes from HF_TOKEN"
         assert SECRET not in json.dumps(fake.requests)
+        branches = {rev: fake.files(REPO, rev) for rev in ("step10", "step30")}
     assert _state(run_dir) == before, "push must not modify the run dir"
     _no_secret_in(run_dir)
     _no_secret_in(out)
 
-    expected = {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "loss.png", "eval_results.json", "checkpoints/step_10/model.safetensors",
-                "checkpoints/step_10/trainer_state.json", "checkpoints/step_00000030/model.safetensors",
-                "checkpoints/step_00000030/trainer_state.json"}  # fmt: skip
-    assert expected <= set(files)
-    local_only = (".bin", ".pkl", "MANIFEST.json")
-    assert not [f for f in files if f.endswith(local_only) or "step_20" in f or ".tmp" in f], sorted(files)
+    model_dir = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    extras = {"README.md", "loss.png", "eval_results.json", "gpt2fit/events.out.tfevents.1700000000.host.1.0"}
+    expected = model_dir | extras
+    assert set(files) == expected
     assert files["model.safetensors"] == (run_dir / "final" / "model.safetensors").read_bytes()
-    assert {p for p, _ in result.files} == set(files)
+    assert {p for p, _ in result.files} == set(files) | {f"{rev}:{p}" for rev, fs in branches.items() for p in fs}
     assert result.url == f"{fake.url}/{REPO}"
+    # a checkpoint's branch is a complete model dir, and only that (nothing of main's card, plot, results)
+    for rev, fs in branches.items():
+        assert set(fs) == model_dir, rev
+        assert fs["config.json"] == files["config.json"]
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -163,7 +183,30 @@ def test_push_run_uploads_a_loadable_model_with_card(run_dir, tmp_path):
     text = files["README.md"].decode()
     assert "![training and validation loss](loss.png)" in text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in text and "pipeline(" in text
-    assert "checkpoints/step_10/" in text and "checkpoints/step_00000030/" in text
+    assert f'from_pretrained("{REPO}", revision="step30")' in text and "- `step10`" in text
+
+
+def test_checkpoint_branches_load_by_revision(run_dir, tmp_path):
+    """from_pretrained(repo, revision="step10") in a fresh process, against the local Hub: the
+    checkpoint's own weights (not final/'s), under the names transformers expects."""
+    import torch
+    from safetensors.torch import load_file
+
+    with FakeHub() as fake:
+        hub.push_run(run_dir, REPO, include_checkpoints=True, endpoint=fake.url, license="mit")
+        code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                f"m = AutoModelForCausalLM.from_pretrained('{REPO}', revision='step10'); "
+                f"t = AutoTokenizer.from_pretrained('{REPO}', revision='step10'); "
+                "torch.save({k: v for k, v in m.state_dict().items()}, sys.argv[1]); print(t.model_max_length)")
+        env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sd.pt")], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    loaded = torch.load(tmp_path / "sd.pt")
+    saved = load_file(run_dir / "checkpoints" / "step_10" / "model.safetensors")
+    assert set(saved) == {f"lm.{k}" for k in loaded if k != "lm_head.weight"}
+    for k, v in saved.items():
+        assert torch.equal(loaded[k.removeprefix("lm.")], v), k
 
 
 def test_model_card_metadata_and_model_index(run_dir):
@@ -182,11 +225,10 @@ def test_model_card_metadata_and_model_index(run_dir):
     name, results = model_index_to_eval_results(meta["model-index"])
     assert name == "tiny-gpt2"
     got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
-    # eval_results.json (an explicit `gpt2fit eval`) wins over summary.json's final numbers
-    assert got[("roneneldan/TinyStories", "loss")] == pytest.approx(5.0)
-    assert got[("roneneldan/TinyStories", "perplexity")] == pytest.approx(148.41)
-    assert got[("Rowan/hellaswag", "acc")] == pytest.approx(0.25)
-    assert got[("Rowan/hellaswag", "acc_norm")] == pytest.approx(0.26)
+    # eval_results.json (an explicit `gpt2fit eval`) wins over summary.json's final numbers; lm-eval's
+    # results on Hub datasets (not the built-in scorer's, not a local dataset's, no stderr)
+    assert got == pytest.approx({("roneneldan/TinyStories", "loss"): 5.0, ("roneneldan/TinyStories", "perplexity"):
+                                 148.41, ("Rowan/hellaswag", "acc"): 0.2891, ("Rowan/hellaswag", "acc_norm"): 0.3114})
     assert all(r.task_type == "text-generation" for r in results)
 
     text = card.text
@@ -196,6 +238,37 @@ def test_model_card_metadata_and_model_index(run_dir):
     assert "/home/someone" not in str(card) and "out_dir" not in text and "hub_model_id" not in text
     assert "None" not in str(card) and "nan" not in str(card).lower()
     assert "cpu" in text and "12 s" in text  # units.format_duration
+    assert "**Precision:** fp32" in text and "GPU hours" not in text and "FLOPs" not in text  # config's "no"
+    assert "| hellaswag | 1 | 0 | 10,042 | acc_norm | 0.3114 | 0.0046 |" in text
+    assert "| tiny_local | 2 | 5 | 6 | acc | 0.5000 |  |" in text and "lm-eval 0.4.13" in text
+    assert "| HellaSwag acc_norm (built-in scorer) | 0.2600 |" in text and "lm_eval text" in text
+    assert "## How to use" in text
+
+
+def test_model_card_states_what_ran(run_dir, tmp_path):
+    """Precision and device from summary.json (what ran, not the config's "auto"), compute, and an
+    lm-eval run on a subset named as such; a built-in HellaSwag result of the old scorer is left out."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(mixed_precision="bf16", device="NVIDIA GeForce RTX 4090", num_processes=2, wall_time_s=5400,
+                   flops_per_token=6.0e8, dataset="/home/someone/corpus.txt")
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text(yaml.safe_dump({"mixed_precision": "auto"}))
+    evals = json.loads((run / "eval_results.json").read_text())
+    evals["hellaswag"] = {"acc": 0.25, "acc_norm": 0.29, "n": 100, "normalization": "per-token"}
+    evals["lm_eval"]["hellaswag"]["limit"] = 100
+    (run / "eval_results.json").write_text(json.dumps(evals))
+    card = hub.build_model_card(run, repo_id=REPO)
+    text = card.text
+    assert "**Precision:** bf16 mixed precision" in text and "× 2 processes" in text
+    assert "6.14e+12 FLOPs" in text and "3 GPU hours" in text
+    assert "HellaSwag" not in text.split("lm-evaluation-harness")[0]  # the old scorer's numbers
+    assert "hellaswag: the first 100 examples only, not comparable" in text
+    assert "model-index" not in str(card)  # a local dataset and a subset: nothing others could compare
+    assert card.data.license is None and card.data.datasets is None
 
 
 def test_model_card_handles_a_bare_run(tmp_path, run_dir):
@@ -210,6 +283,7 @@ def test_model_card_handles_a_bare_run(tmp_path, run_dir):
     assert "trained from scratch" in text
     assert "interrupted" in text and "step 7" in text
     assert "model-index" not in text and "base_model" not in text and "datasets" not in text
+    assert "license" not in text  # none given, no base model to take it from
     assert "None" not in text and "NaN" not in text and "nan" not in text.lower()
     assert "loss.png" not in text
     assert "path/to/this/model" in text  # usage snippet without a repo id
@@ -336,19 +410,37 @@ def test_push_folder_without_hf_xet(run_dir, monkeypatch):
 
 
 def test_background_pusher_snapshots_before_rotation(run_dir, tmp_path):
+    """During training a checkpoint goes up as a complete model dir on its branch, made from the
+    (model, tokenizer) being trained (there is no final/ yet), before the trainer rotates it away."""
     import shutil
 
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    template = (AutoModelForCausalLM.from_pretrained(run_dir / "final"), AutoTokenizer.from_pretrained(run_dir / "final"))
     ck = tmp_path / "run" / "checkpoints" / "step_00000030"
     shutil.copytree(run_dir / "checkpoints" / "step_00000030", ck)
     with FakeHub() as fake:
-        pusher = hub.BackgroundPusher(REPO, endpoint=fake.url, backoff=0.01, tmp_dir=tmp_path)
-        assert pusher.submit(ck, path_in_repo="checkpoints/step_00000030") is True
+        pusher = hub.BackgroundPusher(REPO, endpoint=fake.url, backoff=0.01, tmp_dir=tmp_path, template=template)
+        assert pusher.submit(ck, path_in_repo="ignored/for/checkpoints") is True
         shutil.rmtree(ck)  # the trainer rotates it away while the upload may still be running
         assert pusher.finish(timeout=30) == []
-        files = fake.files(REPO)
-    assert set(files) == {"checkpoints/step_00000030/model.safetensors", "checkpoints/step_00000030/trainer_state.json"}
-    assert pusher.pushed == ["checkpoints/step_00000030"]
+        files = fake.files(REPO, "step30")
+        assert fake.files(REPO) == {}
+    assert set(files) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json"}  # fmt: skip
+    assert json.loads(files["tokenizer_config.json"])["model_max_length"] == 64
+    weights = {k: v for k, v in load_file(run_dir / "checkpoints" / "step_00000030" / "model.safetensors").items()}
+    (tmp_path / "w.safetensors").write_bytes(files["model.safetensors"])
+    assert {f"lm.{k}" for k in load_file(tmp_path / "w.safetensors")} == set(weights)
+    assert pusher.pushed == ["step30"] and pusher.revisions == ["step30"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("gpt2fit-push-")] == [], "snapshots cleaned up"
+    # without the model being trained and before final/ exists: recorded, never a branch of bare weights
+    shutil.copytree(run_dir / "checkpoints" / "step_10", ck.parent / "step_10")
+    with FakeHub() as fake:
+        pusher = hub.BackgroundPusher(REPO, endpoint=fake.url, tmp_dir=tmp_path)
+        assert pusher.submit(ck.parent / "step_10") is False and fake.commits == []
+    assert "no model dir" in pusher.failures[0].error and "--include_checkpoints" in pusher.failures[0].command
 
 
 def test_background_pusher_pushes_a_whole_run_with_its_card(run_dir):
@@ -418,7 +510,20 @@ def test_cli_dry_run_needs_no_network(run_dir, capsys, monkeypatch):
     assert hub.main([str(run_dir), "--repo_id", REPO, "--dry_run", "--include_checkpoints"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("---\nbase_model: openai-community/gpt2")
-    assert "dry run: would push" in out and "checkpoints/step_10/model.safetensors" in out
+    assert "dry run: would push" in out and "step10:model.safetensors" in out and "step30:config.json" in out
+    assert "license:" not in out.split("---")[1]  # the base model's is read when pushing, not in a dry run
+
+
+def test_license_comes_from_the_base_models_card(run_dir):
+    with FakeHub() as fake:
+        fake.add_repo("openai-community/gpt2", {"README.md": b"---\nlicense: mit\n---\n# gpt2\n"})
+        hub.push_run(run_dir, REPO, endpoint=fake.url)
+        assert "license: mit" in fake.files(REPO)["README.md"].decode()
+        hub.push_run(run_dir, REPO, endpoint=fake.url, license="apache-2.0")  # --license wins
+        assert "license: apache-2.0" in fake.files(REPO)["README.md"].decode()
+        fake.repos.pop("openai-community/gpt2")  # unreadable: no license rather than a wrong one
+        hub.push_run(run_dir, REPO, endpoint=fake.url)
+        assert "license" not in fake.files(REPO)["README.md"].decode().split("---")[1]
 
 
 def test_cli_errors_exit_2_with_error_first(tmp_path):

@@ -165,7 +165,8 @@ class RunArgs:
     hub_model_id: str | None = f(None, "Hub repo id for --push_to_hub, e.g. you/gpt2-medium-mydocs.")
     hub_private: bool = f(False, "Create the Hub repo as private.")
     hub_revision: str | None = f(None, "Branch to push to (created if missing).")
-    hub_push_checkpoints: bool = f(False, "Also push each checkpoint (under checkpoints/) while training.")
+    hub_push_checkpoints: bool = f(False, "Also push each checkpoint, while training, as a complete model on "
+                                          "branch step<N> (from_pretrained(repo, revision='step1000')).")
 
 
 SECTIONS = (ModelArgs, DataArgs, OptimArgs, RunArgs)

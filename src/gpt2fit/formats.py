@@ -14,9 +14,10 @@ Run dir ``<out_dir>/`` (written by ``gpt2fit train``; read by eval, plot, push):
                            train: step, tokens, loss, lr, grad_norm, tokens_per_s, mfu,
                                   peak_mem_bytes, time_s
                            eval:  step, tokens, val_loss, val_ppl
-                           hellaswag: step, tokens, acc, acc_norm, n
+                           hellaswag: step, tokens, acc, acc_norm (per character, as lm-eval),
+                                      acc_norm_token (per token, as llm.c), n
     summary.json         written when training ends: status, step, tokens, final_val_loss, ...
-    eval_results.json    written by `gpt2fit eval`
+    eval_results.json    written by `gpt2fit eval`: perplexity, hellaswag, lm_eval (per task)
     checkpoints/step_<N>/  Accelerate state + trainer_state.json + MANIFEST.json (atomic rename)
     final/               Hugging Face model dir: model.safetensors, config.json,
                          generation_config.json, tokenizer files

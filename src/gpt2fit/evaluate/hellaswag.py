@@ -1,27 +1,30 @@
-"""Zero-shot HellaSwag, as llm.c's ``dev/data/hellaswag.py`` scores GPT-2.
+"""Zero-shot HellaSwag scored as lm-evaluation-harness scores its ``hellaswag`` task, fast enough to
+run during training.
 
-    The context is ``ctx`` exactly as the dataset gives it (no activity label, no bracket
-    clean-up, no BOS token); each ending is tokenized as ``" " + ending`` and appended to the
-    context tokens. An ending's score is the sum of the log-probabilities of its tokens given
-    the context and the earlier ending tokens.
+    Text (``text=``): "lm_eval" (the default) is lm-eval's ``process_docs``: the context is
+        ``activity_label: ctx_a Ctx_b`` and WikiHow's bracketed markers are removed from it and
+        from each ending; "raw" scores the dataset's ``ctx`` and endings as they are (llm.c's
+        ``dev/data/hellaswag.py``).
+    Tokens: each (context, " " + ending) pair is encoded as lm-eval's HFLM encodes it (the whole
+        string, split after the context's own tokens) and cut as it cuts it: the last
+        n_positions + 1 tokens, so a long context loses tokens from the left, pair by pair. An
+        ending longer than n_positions is an error naming the example (lm-eval refuses it too).
+    Score: the sum of the ending's token log-probabilities given everything before it.
 
-    * ``acc``           argmax of the sum
-    * ``acc_norm``      argmax of the per-token mean (sum / number of ending tokens): llm.c's
-                        convention, the one behind its GPT-2 124M figure (0.2955)
-    * ``acc_norm_char`` argmax of sum / len(ending) in characters (the ending without the
-                        leading space): lm-eval-harness's normalization (its ``acc_norm``); note
-                        the harness also preprocesses the text differently, so its numbers are
-                        not reproduced exactly, only its normalization.
+    * ``acc``            argmax of the sum
+    * ``acc_norm``       argmax of sum / characters of the ending: lm-eval's ``acc_norm``
+    * ``acc_norm_token`` argmax of sum / tokens of the ending: llm.c's (its GPT-2 124M figure,
+                         0.2955, is this on raw text)
 
-    The 4 endings of an example are batched together with right padding and a mask. A context
-    that does not fit ``n_positions`` together with the longest ending is truncated from the
-    left (the same cut for all 4 endings).
+With the lm_eval text, acc and acc_norm equal lm-eval's item by item (tests/test_evaluate.py runs
+both on the same items and model).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,37 +35,42 @@ import torch.nn.functional as F
 from gpt2fit.errors import UserError
 from gpt2fit.evaluate.model import eval_mode, n_positions, shards, sum_over_processes
 
-HELLASWAG_NORMALIZATION = (
-    "acc_norm = per-token mean log-prob (llm.c); "
-    "acc_norm_char = log-prob sum / ending characters (lm-eval-harness)"
-)
+TEXTS = ("lm_eval", "raw")
 
 
-def _normalize_hellaswag(row, where: str) -> dict:
-    try:
-        ctx, endings, label = row["ctx"], list(row["endings"]), row["label"]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{where}: not a HellaSwag example (needs ctx, endings, label): missing {e}") from e
-    if label == "" or label is None:
+def preprocess(text: str) -> str:
+    """lm-eval's ``tasks/hellaswag/utils.py: preprocess``, character for character."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def _example(row, where: str, text: str) -> dict:
+    need = ("activity_label", "ctx_a", "ctx_b") if text == "lm_eval" else ("ctx",)
+    missing = [k for k in (*need, "endings", "label") if not isinstance(row, dict) or k not in row]
+    if missing:
+        raise UserError(f"{where}: HellaSwag example without {', '.join(missing)}; the {text} text needs "
+                        f"{', '.join(need)}, endings and label (hellaswag_val.jsonl or Rowan/hellaswag)")
+    label, endings = row["label"], row["endings"]
+    if label in ("", None):
         raise UserError(f"{where}: example has no label (the test split is unlabeled; use validation)")
-    try:
-        label = int(label)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: label {label!r} is not an integer") from e
-    if len(endings) != 4 or not 0 <= label < 4 or not all(isinstance(e, str) for e in endings):
-        raise UserError(f"{where}: expected 4 string endings and a label in 0..3, got {len(endings)} / {label}")
-    return {"ctx": str(ctx), "endings": endings, "label": label}
+    if not str(label).isdigit() or int(label) > 3 or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{where}: expected 4 string endings and a label in 0..3, got {len(endings)} / {label!r}")
+    if text == "raw":
+        return {"ctx": str(row["ctx"]), "endings": list(endings), "label": int(label), "where": where}
+    ctx = preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return {"ctx": ctx, "endings": [preprocess(e) for e in endings], "label": int(label), "where": where}
 
 
-def load_hellaswag(source) -> list[dict]:
-    """HellaSwag validation examples as ``[{"ctx", "endings", "label"}]``.
+def load_hellaswag(source, text: str = "lm_eval") -> list[dict]:
+    """HellaSwag validation examples as ``[{"ctx", "endings", "label", "where"}]``, the text
+    prepared as ``text`` says (see the module docstring).
 
     ``source``: a local ``.jsonl`` file in the original rowanz/hellaswag schema
-    (``hellaswag_val.jsonl``: ind, activity_label, ctx_a, ctx_b, ctx, endings, label (int),
-    split, split_type, source_id); or a Hub dataset id such as ``Rowan/hellaswag`` (label is a
-    string there) or a local dataset dir, loaded with ``datasets.load_dataset(source,
-    split="validation")``.
+    (``hellaswag_val.jsonl``), or a Hub dataset id such as ``Rowan/hellaswag`` (label is a string
+    there) or a local dataset dir, loaded with ``datasets.load_dataset(source, split="validation")``.
     """
+    if text not in TEXTS:
+        raise UserError(f"HellaSwag text {text!r} is not one of {', '.join(TEXTS)}")
     source = os.fspath(source)
     p = Path(source)
     if p.is_file():
@@ -75,26 +83,22 @@ def load_hellaswag(source) -> list[dict]:
                     row = json.loads(line)
                 except ValueError as e:
                     raise UserError(f"{p}:{i}: not valid JSON ({e}); expected hellaswag_val.jsonl lines") from e
-                examples.append(_normalize_hellaswag(row, f"{p}:{i}"))
+                examples.append(_example(row, f"{p}:{i}", text))
         if not examples:
             raise UserError(f"{p} holds no examples")
         return examples
     if not p.is_dir() and (p.is_absolute() or source.startswith(".") or source.endswith((".jsonl", ".json"))):
-        raise UserError(
-            f"HellaSwag file {source} not found: pass the path of hellaswag_val.jsonl "
-            "(github.com/rowanz/hellaswag/tree/master/data) or a Hub id such as Rowan/hellaswag"
-        )
+        raise UserError(f"HellaSwag file {source} not found: pass the path of hellaswag_val.jsonl "
+                        "(github.com/rowanz/hellaswag/tree/master/data) or a Hub id such as Rowan/hellaswag")
     try:
         import datasets
 
         ds = datasets.load_dataset(source, split="validation")
     except Exception as e:  # datasets raises many types (offline, missing, no split)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot load HellaSwag from {source!r}: {first}\n"
-            "pass a local hellaswag_val.jsonl, or check the Hub id and your network"
-        ) from e
-    return [_normalize_hellaswag(row, f"{source}[{i}]") for i, row in enumerate(ds)]
+        raise UserError(f"cannot load HellaSwag from {source!r}: {first}\n"
+                        "pass a local hellaswag_val.jsonl, or check the Hub id and your network") from e
+    return [_example(row, f"{source}[{i}]", text) for i, row in enumerate(ds)]
 
 
 def hellaswag_subset(examples, n: int, seed: int = 0) -> list[dict]:
@@ -106,48 +110,50 @@ def hellaswag_subset(examples, n: int, seed: int = 0) -> list[dict]:
     return [examples[i] for i in idx]
 
 
-def encode_hellaswag_example(tokenizer, example, max_len: int):
-    """``(ctx_ids, [ending_ids x4])`` with llm.c's preprocessing, cut to fit ``max_len``."""
-    ctx = tokenizer.encode(example["ctx"], add_special_tokens=False)
-    ends = [tokenizer.encode(" " + e, add_special_tokens=False) for e in example["endings"]]
-    if not ctx:  # nothing to condition on: start from EOT so the first ending token is scored
-        eos = tokenizer.eos_token_id
-        ctx = [eos if eos is not None else 0]
-    longest = max(len(e) for e in ends)
-    if len(ctx) + longest > max_len:
-        keep = max(1, max_len - longest)
-        ctx = ctx[-keep:]
-        ends = [e[: max_len - keep] for e in ends]
-    return ctx, ends
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's ``LM._encode_pair`` makes them: trailing spaces
+    of the context move to the continuation; the whole string is encoded and split after the
+    context's own tokens. An empty context is the EOT token (lm-eval's prefix token)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:
+        return [tokenizer.eos_token_id], tokenizer.encode(continuation, add_special_tokens=False)
+    ctx = tokenizer.encode(context)
+    return ctx, tokenizer.encode(context + continuation)[len(ctx):]
 
 
-def _batch_scores(net, tokenizer, chunk, max_len: int, pad_id: int, device):
-    """Per example of ``chunk``: (log-prob sums [4], ending token counts [4]), float64 on the CPU."""
-    rows, spans = [], []  # spans: (first ending position, end) in each row
-    for ex in chunk:
-        ctx, ends = encode_hellaswag_example(tokenizer, ex, max_len)
-        for e in ends:
-            rows.append(ctx + e)
-            spans.append((len(ctx), len(ctx) + len(e)))
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+def encode_example(tokenizer, example: dict, max_len: int) -> list[tuple[list[int], int]]:
+    """Per ending: (the tokens fed, cut to max_len + 1 as lm-eval cuts them; how many end it)."""
+    rows = []
+    for i, ending in enumerate(example["endings"]):
+        ctx, cont = encode_pair(tokenizer, example["ctx"], " " + ending)
+        if len(cont) > max_len:
+            raise UserError(f"HellaSwag {example.get('where', 'example')}: ending {i} is {len(cont)} tokens, more "
+                            f"than the model's {max_len} positions; leave this example out")
+        rows.append(((ctx + cont)[-(max_len + 1):], len(cont)))
+    return rows
+
+
+def _batch_scores(net, rows, pad_id: int, device) -> torch.Tensor:
+    """For each (tokens, n) of ``rows``: the log-prob sum of its last n tokens, float64 on the CPU."""
+    T = max(len(r) for r, _ in rows) - 1
+    ids = torch.full((len(rows), T + 1), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), T), dtype=torch.long)
-    mask = torch.zeros((len(rows), T - 1), dtype=torch.float32)
-    for i, (r, (a, z)) in enumerate(zip(rows, spans)):
+    mask = torch.zeros((len(rows), T), dtype=torch.float32)
+    for i, (r, n) in enumerate(rows):  # right padding: causal attention keeps it out of real positions
         ids[i, : len(r)] = torch.tensor(r)
-        attn[i, : len(r)] = 1
-        mask[i, a - 1 : z - 1] = 1.0  # logits at t predict token t+1
+        attn[i, : len(r) - 1] = 1
+        mask[i, len(r) - 1 - n : len(r) - 1] = 1.0  # the logits at t predict token t+1
     ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-    logits = net(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-    logp = -F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-    ).view(len(rows), T - 1)
-    return (logp * mask).sum(1).view(-1, 4).double().cpu(), mask.sum(1).view(-1, 4).double().cpu()
+    logits = net(input_ids=ids[:, :-1], attention_mask=attn, use_cache=False).logits
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return (logp.view(len(rows), T) * mask).sum(1).double().cpu()
 
 
 def score_hellaswag(model, tokenizer, examples, *, batch_size: int = 8, device=None, accelerator=None,
                     return_details: bool = False) -> dict:
-    """Zero-shot HellaSwag accuracy (see the module docstring for the exact conventions).
+    """Zero-shot HellaSwag: ``{"acc", "acc_norm", "acc_norm_token", "n"}`` (see the module docstring).
 
     ``batch_size`` is in examples (each contributes its 4 endings as 4 rows). Works on a model in
     training mode (switched to eval and back). With a multi-process ``accelerator`` the examples
@@ -155,40 +161,35 @@ def score_hellaswag(model, tokenizer, examples, *, batch_size: int = 8, device=N
     example (this process's share) the label, the 4 log-prob sums, token and char counts, and
     the three predictions.
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer is None:
         raise UserError("HellaSwag needs a tokenizer, and this model dir has none; save one next to the model")
     examples = list(examples)
     if not examples:
         raise UserError("no HellaSwag examples to score")
-    mine, n_batches = shards(examples, accelerator, batch_size)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     max_len = n_positions(model)
+    mine, n_batches = shards(examples, accelerator, batch_size)
+    encoded = [encode_example(tokenizer, ex, max_len) for ex in mine]  # every ending checked before any forward
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = accelerator.autocast() if accelerator is not None else nullcontext()
-    correct = [0, 0, 0]
+    correct = np.zeros(3)
     details = []
     with eval_mode(model), torch.no_grad(), autocast:
         for b in range(n_batches):
-            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            chunk = list(zip(mine, encoded))[b * batch_size : (b + 1) * batch_size]
             # a process out of examples still runs the forward (a dummy, counted nowhere)
-            sums, ntok = _batch_scores(model, tokenizer, chunk or examples[:1], max_len, pad_id, device)
-            for j, ex in enumerate(chunk):
+            rows = [row for _, rows in chunk for row in rows] or encode_example(tokenizer, examples[0], max_len)
+            sums = _batch_scores(model, rows, pad_id, device).view(-1, 4)
+            for j, (ex, ex_rows) in enumerate(chunk):
+                ntok = torch.tensor([n for _, n in ex_rows], dtype=torch.float64)
                 nchar = torch.tensor([max(1, len(e)) for e in ex["endings"]], dtype=torch.float64)
-                preds = [int(sums[j].argmax()), int((sums[j] / ntok[j]).argmax()), int((sums[j] / nchar).argmax())]
-                for k in range(3):
-                    correct[k] += int(preds[k] == ex["label"])
+                preds = [int(s.argmax()) for s in (sums[j], sums[j] / nchar, sums[j] / ntok)]
+                correct += [p == ex["label"] for p in preds]
                 if return_details:
                     details.append({"label": ex["label"], "logprob_sum": sums[j].tolist(),
-                                    "n_tokens": [int(x) for x in ntok[j].tolist()],
-                                    "n_chars": [int(x) for x in nchar.tolist()],
-                                    "pred": preds[0], "pred_norm": preds[1], "pred_norm_char": preds[2]})
-    c0, c1, c2, total = sum_over_processes(
-        torch.tensor(correct + [len(mine)], dtype=torch.float64, device=device), accelerator)
-    total = int(round(total))
-    out = {"acc": c0 / total, "acc_norm": c1 / total, "acc_norm_char": c2 / total, "n": total,
-           "normalization": HELLASWAG_NORMALIZATION}
-    if return_details:
-        out["details"] = details
-    return out
+                                    "n_tokens": [int(n) for n in ntok], "n_chars": [int(n) for n in nchar],
+                                    "pred": preds[0], "pred_norm": preds[1], "pred_norm_token": preds[2]})
+    *hits, total = sum_over_processes(torch.tensor([*correct, len(mine)], dtype=torch.float64, device=device),
+                                      accelerator)
+    out = {"acc": hits[0] / total, "acc_norm": hits[1] / total, "acc_norm_token": hits[2] / total, "n": int(total)}
+    return {**out, "details": details} if return_details else out

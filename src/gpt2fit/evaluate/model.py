@@ -1,8 +1,10 @@
-"""Loading a model to evaluate or sample from, and what every scorer shares: eval mode that is
-restored afterwards, sharding over Accelerate processes, and summing counts over them."""
+"""Loading a model to evaluate or sample from (and saving its tokenizer so every transformers loads
+it), and what every scorer shares: eval mode that is restored afterwards, sharding over Accelerate
+processes, and summing counts over them."""
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,8 +77,6 @@ def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
     """
     path_or_id = os.fspath(path_or_id)
     model_path = check_model_path(path_or_id)
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if dtype is None:
         dtype = torch.float32
     elif isinstance(dtype, str) and dtype != "auto":
@@ -91,6 +91,20 @@ def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
     except (OSError, ValueError, TypeError, KeyError):  # no tokenizer files: fine for perplexity
         tokenizer = None
     return model.to(device).eval(), tokenizer
+
+
+def save_tokenizer(tokenizer, dst, n_positions: int) -> None:
+    """Save ``tokenizer`` into model dir ``dst`` so that transformers 4.x and 5.x both load it as it is:
+    class PreTrainedTokenizerFast (5.x writes TokenizersBackend, which 4.x does not know; GPT2TokenizerFast
+    makes 5.x rebuild a BPE from vocab and merges, which breaks the char tokenizer) and model_max_length =
+    the model's n_positions, so ``truncation=True`` gives inputs the model can take."""
+    tokenizer.save_pretrained(dst)
+    path = Path(dst) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=int(n_positions))
+    for key in ("is_local", "local_files_only"):  # how 5.x loaded it here, not a property of the tokenizer
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def n_positions(model) -> int:

@@ -90,9 +90,6 @@ def windowed_loss(loss_sum_fn, data, block_size: int, *, batch_size: int, max_wi
 def evaluate_perplexity(model, data_dir, *, split: str = "val", block_size: int | None = None, batch_size: int = 8,
                         max_windows: int | None = None, accelerator=None) -> dict:
     """``windowed_loss`` of a Hugging Face causal LM on ``<data_dir>/<split>.bin``, plus ``ppl``."""
-    if batch_size < 1 or (max_windows is not None and max_windows < 1):
-        raise UserError(f"batch_size={batch_size} and max_windows={max_windows} must be >= 1 (max_windows "
-                        "None: all windows)")
     n_pos = n_positions(model)
     block_size = n_pos if block_size is None else int(block_size)
     if not 1 <= block_size <= n_pos:

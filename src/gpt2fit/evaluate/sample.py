@@ -33,10 +33,8 @@ class SampleOptions:
 def generate(path_or_id: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, num_samples: int = 1,
              device: str | None = None, model_and_tokenizer=None) -> list[str]:
-    """``num_samples`` continuations of ``prompt`` (the prompt included in each returned text)."""
-    if temperature < 0 or max_new_tokens <= 0 or num_samples <= 0:
-        raise UserError(f"temperature={temperature} must be >= 0, max_new_tokens={max_new_tokens} and "
-                        f"num_samples={num_samples} must be positive.")
+    """``num_samples`` continuations of ``prompt`` (the prompt included in each returned text); the
+    values are range-checked where they come from (SampleOptions, the train config)."""
     model, tok = model_and_tokenizer or load_model_and_tokenizer(path_or_id, device)
     if tok is None:
         raise UserError(f"{path_or_id} has no tokenizer files; sampling needs one saved next to the model.")

@@ -2,6 +2,8 @@
 ``build_model_card`` renders them with ``ModelCard.from_template`` from ``card_template.md`` (the
 metadata, model-index eval results included, through ``ModelCardData``). Unknown values are left
 out (never printed as None or nan), local paths are cut to their last component, tokens masked.
+The model-index holds what others can compare: lm-eval's results, and the validation loss only
+on a Hub dataset. The license is the caller's (``gpt2fit push`` reads the base model's).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from gpt2fit import formats
 from gpt2fit.errors import UserError
 from gpt2fit.units import format_count, format_duration
 
-DEFAULT_LICENSE = "mit"
 TEMPLATE = Path(__file__).with_name("card_template.md")
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
@@ -124,7 +125,8 @@ class Facts:
     dataset_type: str | None  # model-index dataset type: the Hub id when it is the only dataset
     dataset: str | None  # Hub ids, corpus names and local names (never a full path)
     val: dict  # validation loss / ppl / tokens / split: `gpt2fit eval`'s, else training's last
-    hellaswag: dict
+    hellaswag: dict  # the built-in scorer's
+    lm_eval: dict  # task -> {metrics, version, num_fewshot, samples, dataset, limit, lm_eval_version}
 
 
 def gather(run: Path) -> Facts:
@@ -150,19 +152,24 @@ def gather(run: Path) -> Facts:
     return Facts(
         config=_load(run / formats.CONFIG, yaml.safe_load), summary=summary, base_model=base, dataset_ids=ids,
         dataset_type=ids[0] if len(items) == 1 and ids else None, dataset=", ".join(labels[:3]) + more or None,
-        val=val, hellaswag=evals.get("hellaswag") if isinstance(evals.get("hellaswag"), dict) else {},
+        # built-in HellaSwag without "text": an earlier scorer's, whose acc_norm was per token: left out
+        val=val, hellaswag=evals["hellaswag"] if "text" in (evals.get("hellaswag") or {}) else {},
+        lm_eval={k: v for k, v in (evals.get("lm_eval") or {}).items() if isinstance(v, dict)},
     )  # fmt: skip
 
 
 def _eval_results(f: Facts) -> list[EvalResult]:
-    """model-index entries: validation loss/perplexity on the run's data, HellaSwag acc/acc_norm."""
+    """model-index entries: lm-eval's metrics on Hub datasets, validation loss/perplexity on a Hub dataset."""
     task = {"task_type": "text-generation", "task_name": "Text Generation"}
-    own = {**task, "dataset_type": f.dataset_type or f.dataset or "custom",
-           "dataset_name": f.dataset or "custom text", "dataset_split": f.val["split"]}  # fmt: skip
-    hs = {**task, "dataset_type": "Rowan/hellaswag", "dataset_name": "HellaSwag", "dataset_split": "validation"}
-    rows = [(own, "loss", "validation loss", f.val["loss"], 4), (own, "perplexity", "validation perplexity",
-            f.val["ppl"], 3), (hs, "acc", "accuracy", f.hellaswag.get("acc"), 4),
-            (hs, "acc_norm", "normalized accuracy", f.hellaswag.get("acc_norm"), 4)]  # fmt: skip
+    rows = []
+    if f.dataset_type:
+        own = {**task, "dataset_type": f.dataset_type, "dataset_name": f.dataset, "dataset_split": f.val["split"]}
+        rows += [(own, "loss", "validation loss", f.val["loss"], 4),
+                 (own, "perplexity", "validation perplexity", f.val["ppl"], 3)]  # fmt: skip
+    for name, t in f.lm_eval.items():
+        if _looks_like_hub_id(t.get("dataset")) and not t.get("limit"):
+            where = {**task, "dataset_type": t["dataset"], "dataset_name": f"{name} ({t.get('num_fewshot')}-shot)"}
+            rows += [(where, k, f"{k} (lm-eval)", v, 4) for k, v in t.get("metrics", {}).items() if "stderr" not in k]
     return [EvalResult(**where, metric_type=kind, metric_name=name, metric_value=round(_finite(v), digits))
             for where, kind, name, v, digits in rows if _finite(v) is not None]  # fmt: skip
 
@@ -185,9 +192,13 @@ def _summary_line(f: Facts) -> str:
 
 
 def _training_facts(f: Facts) -> list[tuple[str, str]]:
-    s, precision = f.summary, f.config.get("mixed_precision")
+    s = f.summary
+    precision = s.get("mixed_precision") or (f.config.get("mixed_precision") not in ("auto", None) and
+                                             f.config["mixed_precision"])  # what ran; else what was asked
     tokens, n_params, wall = _finite(s.get("tokens")), _finite(s.get("n_params")), _finite(s.get("wall_time_s"))
     procs = s.get("num_processes")
+    flops = tokens and _finite(s.get("flops_per_token")) and tokens * s["flops_per_token"]
+    gpu_hours = wall and str(s.get("device", "cpu")) not in ("cpu", "mps") and wall * (procs or 1) / 3600
     facts = [
         ("Base model", f"`{f.base_model}`" if f.base_model else
          "local model" if s.get("init_from") else "none (trained from scratch)"),
@@ -201,6 +212,8 @@ def _training_facts(f: Facts) -> list[tuple[str, str]]:
         ("Precision", _present(precision) and ("fp32" if precision in ("no", False) else
                                               f"{_fmt(precision)} mixed precision")),
         ("Training time", wall is not None and wall >= 0 and format_duration(wall)),
+        ("Compute", ", ".join(x for x in (flops and f"{flops:.3g} FLOPs (model FLOPs per token × tokens)",
+                                          gpu_hours and f"{gpu_hours:.3g} GPU hours") if x)),
         ("Status", _present(s.get("status")) and _fmt(s["status"])),
     ]  # fmt: skip
     return [(k, v) for k, v in facts if v]
@@ -226,18 +239,25 @@ def _evaluation_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
     loss, ppl, tokens = _finite(f.val["loss"]), _finite(f.val["ppl"]), _finite(f.val.get("tokens"))
     rows = [(f"{split} loss", loss is not None and f"{loss:.4f}"), (f"{split} perplexity", ppl and f"{ppl:.3f}"),
             (f"{split} tokens evaluated", tokens and _fmt(f.val["tokens"]))]  # fmt: skip
-    scores = [(label, f"{_finite(hs.get(k)):.4f}") for k, label in
-              (("acc", "HellaSwag accuracy"), ("acc_norm", "HellaSwag accuracy (normalized)"))
-              if _finite(hs.get(k)) is not None]  # fmt: skip
-    notes = [f"{_fmt(hs['n'])} examples" if k == "n" else f"normalization: {_fmt(hs[k])}"
-             for k in ("n", "normalization") if _present(hs.get(k))]
-    return [(k, v) for k, v in rows if v] + scores, f"HellaSwag: {', '.join(notes)}." if scores and notes else ""
+    rows += [(f"HellaSwag {k} (built-in scorer)", f"{_finite(hs[k]):.4f}")
+             for k in ("acc", "acc_norm", "acc_norm_token") if _finite(hs.get(k)) is not None]  # fmt: skip
+    note = hs and (f"Built-in HellaSwag scorer: {_fmt(hs.get('n'))} examples, {_fmt(hs.get('text'))} text; acc and "
+                   "acc_norm (per character) as lm-eval computes them, acc_norm_token the per-token mean (llm.c).")
+    return [(k, v) for k, v in rows if v], note or ""
 
 
-def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = DEFAULT_LICENSE,
+def _lm_eval_rows(f: Facts) -> list[list[str]]:
+    """task, version, n-shot, examples, metric, value, stderr: one row per lm-eval metric."""
+    return [[_fmt(name), _fmt(t.get("version")), _fmt(t.get("num_fewshot")), _fmt(t.get("samples")), _fmt(k),
+             f"{v:.4f}", f"{m[k + '_stderr']:.4f}" if _finite(m.get(k + "_stderr")) is not None else ""]
+            for name, t in f.lm_eval.items() for m in [t.get("metrics") or {}] for k, v in m.items()
+            if "stderr" not in k and _finite(v) is not None]  # fmt: skip
+
+
+def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
                      revision: str | None = None, checkpoints: list[str] | tuple[str, ...] = ()) -> ModelCard:  # fmt: skip
     """The model card of a run dir; nothing is written. ``repo_id`` goes into the usage snippet and
-    names the model-index; ``checkpoints`` lists pushed ``checkpoints/step_N`` folders."""
+    names the model-index; ``checkpoints`` lists the branches (``step<N>``) checkpoints were pushed to."""
     run = Path(run_dir)
     f = gather(run)
     name = (repo_id.split("/")[-1] if repo_id else None) or run.resolve().name or "gpt2fit-model"
@@ -255,6 +275,9 @@ def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, 
         step=_fmt(step) if _present(step) else None, ref=repo_id or "path/to/this/model",
         revision=revision if revision != "main" else None, hparams=_hparam_rows(f.config), evaluation=evaluation,
         hellaswag_note=hellaswag_note, plot=formats.PLOT if (run / formats.PLOT).is_file() else None,
-        checkpoints=list(checkpoints),
+        checkpoints=list(checkpoints), lm_eval=_lm_eval_rows(f),
+        lm_eval_note=", ".join(sorted({f"lm-eval {t.get('lm_eval_version')}" for t in f.lm_eval.values()} | {
+            f"{name}: the first {t['limit']} examples only, not comparable" for name, t in f.lm_eval.items()
+            if t.get("limit")})),
     )  # fmt: skip
     return ModelCard(redact(str(card)))

@@ -3,21 +3,21 @@
     gpt2fit push runs/quickstart --repo_id your-username/gpt2-quickstart [--private] [--revision BRANCH]
 
 One commit, at the repo root: final/'s files, README.md (the model card, publish/card.py),
-loss.png and eval_results.json when present, and with --include_checkpoints the complete
-checkpoints/step_N/ (weights and data position only, CHECKPOINT_ALLOW). The card is uploaded from
-memory and the other files are read in place: the run dir is never written, and model and card
-land together or not at all.
+loss.png, eval_results.json and TensorBoard's event files (the Hub's training-metrics tab) when
+present. The card is uploaded from memory and the other files are read in place: the run dir is
+never written, and model and card land together or not at all. With --include_checkpoints each
+complete checkpoint follows as a complete model dir on its own branch ``step<N>``, as Pythia
+publishes them (``from_pretrained(repo, revision="step1000")``): its weights without Accelerate's
+``lm.`` prefix, and the run's config, generation config and tokenizer. Optimizer, scheduler and
+RNG state (pickles, twice the model) stay local: resuming is this machine's business.
 
 Background pushes (:class:`BackgroundPusher`) run on huggingface_hub's own queue
-(``HfApi.run_as_future``: one worker, in order), each from a hard-link snapshot of its folder: the
-trainer's checkpoint rotation may delete files mid-upload, and the library does not guard that.
+(``HfApi.run_as_future``: one worker, in order), each from a snapshot of its folder (the trainer
+rotates checkpoints away mid-upload, and the library does not guard that).
 
-Retries: 5xx, 408 and 429 (huggingface_hub raises ``HfHubHTTPError`` with the response, in 1.x and
-2.x) and network errors, which it lets through from its HTTP client: httpx's in 1.x, httpx2's in
-2.x. The token comes from ``HF_TOKEN`` or ``hf auth login``, read by huggingface_hub; gpt2fit never
-writes it and has no ``--token`` flag (it would end up in shell history); errors pass through
-``redact``. huggingface_hub refuses every request under ``HF_HUB_OFFLINE=1`` (read once at import),
-so a push then fails at once with a UserError that says to unset it.
+Retries: see ``_with_retries``. The token comes from ``HF_TOKEN`` or ``hf auth login``, read by
+huggingface_hub; gpt2fit never writes it and has no ``--token`` flag (it would end up in shell
+history); errors pass through ``redact``. Under ``HF_HUB_OFFLINE=1`` a push fails at once.
 """
 
 from __future__ import annotations
@@ -38,14 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_session, get_token, is_offline_mode
+from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_session, get_token,
+                             is_offline_mode)
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+from safetensors.torch import load_file, save_file
 
 from gpt2fit import __version__, formats, options
 from gpt2fit.errors import UserError
+from gpt2fit.evaluate.model import save_tokenizer
 from gpt2fit.options import opt
-from gpt2fit.publish.card import DEFAULT_LICENSE, build_model_card, redact
+from gpt2fit.publish.card import build_model_card, gather, redact
 from gpt2fit.units import GiB, KiB, MiB, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -54,14 +57,9 @@ DEFAULT_RETRIES = 4  # retries after the first attempt: waits 2, 4, 8, 16 s with
 DEFAULT_BACKOFF = 2.0
 MAX_BACKOFF_S = 60.0
 
-# Files of checkpoints/step_N/ that are pushed. An allowlist: the Accelerate state also holds
-# optimizer.bin (2x the model), scheduler.bin and random_states_*.pkl, which are pickles (flagged
-# by the Hub's scanner, unsafe to load from strangers) and only useful to resume on this machine.
-# The manifest stays local too (it lists files that are not pushed): a pushed checkpoint is
-# weights + trainer state, not a resumable one.
-CHECKPOINT_ALLOW = ["*.safetensors", "*.json", "*.yaml", "*.txt"]
-CHECKPOINT_IGNORE = [formats.CKPT_MANIFEST]
 RUN_EXTRAS = (formats.PLOT, formats.EVAL_RESULTS)  # pushed next to final/ (repo root)
+# final/'s files that a checkpoint's model dir shares: config, generation config, tokenizer
+MODEL_FILES, NOT_MODEL_FILES = ["*.json", "*.txt", "*.model"], ["*.index.json", "README.md"]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -98,7 +96,8 @@ def _status_of(exc: BaseException) -> int | None:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What a failed connection raises: the TransportError of huggingface_hub's HTTP client (httpx
-    in 1.x, httpx2 in 2.x), OS-level errors, and non-JSON answers (a proxy's HTML error page)."""
+    in 1.x, httpx2 in 2.x, which it lets through), OS-level errors, and non-JSON answers (a proxy's
+    HTML error page). (An HTTP error is ``HfHubHTTPError`` with the response, in 1.x and 2.x.)"""
     client = sys.modules[type(get_session()).__module__.split(".")[0]]
     return (client.TransportError, ConnectionError, TimeoutError, json.JSONDecodeError)
 
@@ -183,10 +182,11 @@ def repo_url(endpoint: str | None, repo_id: str, revision: str | None) -> str:
 def _commit(files: list[tuple[str, Path | bytes]], repo_id: str, *, commit_message: str, private: bool = False,
             revision: str | None = None, token: str | None = None, endpoint: str | None = None,
             retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-            sleep: Callable[[float], None] = time.sleep):  # fmt: skip
+            sleep: Callable[[float], None] = time.sleep, exact: bool = False):  # fmt: skip
     """One commit of ``files`` ((path in repo, local file or bytes)) to ``repo_id``, created if
-    missing (the ``revision`` branch too), retried as :func:`_with_retries` says. Returns
-    huggingface_hub's ``CommitInfo``; failures raise a UserError whose first line names the fix."""
+    missing (the ``revision`` branch too), retried as :func:`_with_retries` says. ``exact``: the
+    commit also deletes every other file of the branch (a new branch starts as a copy of main).
+    Returns huggingface_hub's ``CommitInfo``; failures raise a UserError whose first line names the fix."""
     check_repo_id(repo_id)
     _check_online()
     api = _hub_api(token, endpoint)
@@ -200,6 +200,10 @@ def _commit(files: list[tuple[str, Path | bytes]], repo_id: str, *, commit_messa
         # fresh operations per attempt: huggingface_hub mutates them and refuses to reuse them
         ops = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                for path, data in files]  # fmt: skip
+        if exact:
+            keep = {path for path, _ in files} | {".gitattributes"}
+            ops += [CommitOperationDelete(path_in_repo=f.rfilename) for f in
+                    api.repo_info(repo_id, revision=revision).siblings if f.rfilename not in keep]  # fmt: skip
         return api.create_commit(repo_id, operations=ops, commit_message=commit_message, revision=revision)
 
     return _with_retries(attempt, api=api, repo_id=repo_id, revision=revision, retries=retries, backoff=backoff,
@@ -223,22 +227,41 @@ def _files(root: Path, *, allow=None, ignore=None, prefix: str = "") -> list[tup
     return [(prefix + rel, root / rel) for rel in filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore)]
 
 
-def run_files(run_dir: str | os.PathLike, *, include_checkpoints: bool = False) -> list[tuple[str, Path]]:
-    """(path in repo, local file) for everything a push of ``run_dir`` uploads, except README.md."""
+def run_files(run_dir: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(path in repo, local file) for what a push of ``run_dir`` uploads to the repo root, except
+    README.md; TensorBoard's event files keep their place in the run dir."""
     run = Path(run_dir)
     files = _files(run / formats.FINAL, ignore=["README.md"])
     files += [(extra, run / extra) for extra in RUN_EXTRAS if (run / extra).is_file()]
-    for ckpt in formats.complete_checkpoints(run) if include_checkpoints else []:
-        files += _files(ckpt, allow=CHECKPOINT_ALLOW, ignore=CHECKPOINT_IGNORE,
-                        prefix=f"{formats.CHECKPOINTS}/{ckpt.name}/")  # fmt: skip
-    return files
+    return files + _files(run, allow=["*tfevents*"], ignore=[f"{formats.CHECKPOINTS}/*", f"{formats.FINAL}/*"])
+
+
+def revision_of(checkpoint: Path) -> str:
+    """The branch of a checkpoint, as Pythia names them: checkpoints/step_00001000 -> step1000."""
+    return f"step{int(Path(checkpoint).name.rsplit('_', 1)[-1])}"
+
+
+def checkpoint_model_dir(checkpoint: Path, template, dst: Path) -> None:
+    """Write into ``dst`` checkpoint ``checkpoint`` as a complete model dir: its weights without
+    Accelerate's ``lm.`` prefix (and torch.compile's ``_orig_mod.``), and config, generation config
+    and tokenizer from ``template``: a model dir (the run's final/) or the (model, tokenizer) trained."""
+    if isinstance(template, (str, os.PathLike)):
+        if not (Path(template) / "config.json").is_file():  # never a branch of bare weights
+            raise UserError(f"no model dir {template} to take the config and tokenizer of {checkpoint} from")
+        snapshot(_files(Path(template), allow=MODEL_FILES, ignore=NOT_MODEL_FILES), dst)
+    else:
+        lm, tokenizer = template
+        lm.config.save_pretrained(dst)
+        lm.generation_config.save_pretrained(dst)
+        save_tokenizer(tokenizer, dst, lm.config.n_positions)
+    weights = load_file(Path(checkpoint) / "model.safetensors")
+    save_file({k.replace("_orig_mod.", "").removeprefix("lm."): v for k, v in weights.items()},
+              dst / "model.safetensors", metadata={"format": "pt"})
 
 
 def snapshot(files: list[tuple[str, Path]], dst: Path) -> None:
-    """Hard-link (copy where links fail) ``files`` into ``dst`` at their paths in the repo. A link
-    survives the trainer deleting the original (checkpoint rotation) and costs no disk space; not a
-    rewrite *in place*, which gpt2fit never does. Links need ``dst`` on the same file system (else
-    it copies): see BackgroundPusher's tmp_dir."""
+    """Hard-link (copy where links fail: another file system, see BackgroundPusher's tmp_dir) ``files``
+    into ``dst``: a link survives the trainer deleting the original and costs no disk space."""
     for rel, src in files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -270,28 +293,50 @@ class PushResult:
     card: str  # the README.md that was (or, with dry_run, would be) pushed
 
 
+def base_license(run: Path, token: str | None = None, endpoint: str | None = None) -> str | None:
+    """The license on the Hub card of the run's base model; None when trained from scratch or unreadable."""
+    base = gather(run).base_model
+    try:
+        data = _hub_api(token, endpoint).model_info(base).card_data if base else None
+    except Exception as e:  # noqa: BLE001 - the card then states no license; say why
+        logger.warning("could not read the license of %s (%s); pass --license", base, redact(_first_line(e)))
+        return None
+    return getattr(data, "license", None)
+
+
 def push_run(
     run_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
     include_checkpoints: bool = False, token: str | None = None, endpoint: str | None = None,
-    license: str | None = DEFAULT_LICENSE, commit_message: str | None = None, retries: int = DEFAULT_RETRIES,
+    license: str | None = None, commit_message: str | None = None, retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF, dry_run: bool = False, sleep: Callable[[float], None] = time.sleep,
 ) -> PushResult:  # fmt: skip
-    """Push a finished run as one commit: final/ at the repo root, README.md, loss.png,
-    eval_results.json, and with ``include_checkpoints`` the complete checkpoints (CHECKPOINT_ALLOW).
-    Nothing is written anywhere; retries as :func:`push_folder`. ``dry_run``: no network."""
+    """Push a finished run as one commit (final/ at the repo root, README.md, loss.png,
+    eval_results.json, TensorBoard logs), then with ``include_checkpoints`` one commit per complete
+    checkpoint to its branch (``checkpoint_model_dir``). ``license`` None: the base model's. The run
+    dir is never written; retries as :func:`push_folder`. ``dry_run``: no network (nor license lookup)."""
     run = _check_run_dir(run_dir)
     check_repo_id(repo_id)
-    files = run_files(run, include_checkpoints=include_checkpoints)
-    ckpts = sorted({path.rsplit("/", 1)[0] for path, _ in files if path.startswith(formats.CHECKPOINTS + "/")})
-    card = str(build_model_card(run, repo_id=repo_id, license=license, revision=revision, checkpoints=ckpts))
+    files = run_files(run)
+    ckpts = formats.complete_checkpoints(run) if include_checkpoints else []
+    license = license or (None if dry_run else base_license(run, token, endpoint))
+    card = str(build_model_card(run, repo_id=repo_id, license=license, revision=revision,
+                                checkpoints=[revision_of(c) for c in ckpts]))  # fmt: skip
     card_bytes = card.encode("utf-8")
     listing = sorted([(path, local.stat().st_size) for path, local in files] + [("README.md", len(card_bytes))])
+    shared = _files(run / formats.FINAL, allow=MODEL_FILES, ignore=NOT_MODEL_FILES) + [("model.safetensors", None)]
+    listing += [(f"{revision_of(c)}:{path}", (local or c / path).stat().st_size)
+                for c in ckpts for path, local in shared]  # fmt: skip
     url = repo_url(endpoint, repo_id, revision)
     if dry_run:
         return PushResult(repo_id, url, None, listing, card)
-    info = _commit([*files, ("README.md", card_bytes)], repo_id, commit_message=commit_message or
-                   f"gpt2fit: push {run.resolve().name}", private=private, revision=revision, token=token,
-                   endpoint=endpoint, retries=retries, backoff=backoff, sleep=sleep)  # fmt: skip
+    push_args = dict(private=private, token=token, endpoint=endpoint, retries=retries, backoff=backoff, sleep=sleep)
+    info = _commit([*files, ("README.md", card_bytes)], repo_id, revision=revision, **push_args,
+                   commit_message=commit_message or f"gpt2fit: push {run.resolve().name}")  # fmt: skip
+    for ckpt in ckpts:
+        with tempfile.TemporaryDirectory(prefix="gpt2fit-push-") as tmp:
+            checkpoint_model_dir(ckpt, run / formats.FINAL, Path(tmp))
+            _commit(_files(Path(tmp)), repo_id, revision=revision_of(ckpt), exact=True, **push_args,
+                    commit_message=f"gpt2fit: checkpoint {ckpt.name} of {run.resolve().name}")  # fmt: skip
     return PushResult(repo_id, url, info.commit_url, listing, card)
 
 
@@ -321,16 +366,18 @@ class BackgroundPusher:
 
     def __init__(self, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None,
                  endpoint: str | None = None, retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-                 tmp_dir: str | os.PathLike | None = None, license: str | None = DEFAULT_LICENSE):  # fmt: skip
+                 tmp_dir: str | os.PathLike | None = None, license: str | None = None, template=None):  # fmt: skip
         self.repo_id = check_repo_id(repo_id)  # fail before training starts, not at the first push
         self.private, self.revision, self.license = private, revision, license
+        self.template = template  # (model, tokenizer) for checkpoints' model dirs; None: the run's final/
+        self.revisions: list[str] = []  # checkpoint branches pushed, for the card
         self._push_args = {"private": private, "revision": revision, "token": token, "endpoint": endpoint,
                            "retries": retries, "backoff": backoff}  # fmt: skip
         self._tmp_dir = tmp_dir
         self._api = _hub_api(token, endpoint)  # its run_as_future queue runs the uploads
         self._jobs: list[tuple[dict, concurrent.futures.Future]] = []
         self.failures: list[Failure] = []  # uploads that did not happen (see finish())
-        self.pushed: list[str] = []  # path_in_repo (or folder) of each successful push
+        self.pushed: list[str] = []  # branch, path_in_repo or folder of each successful push
         self._closed = False
 
     def __enter__(self):
@@ -358,16 +405,18 @@ class BackgroundPusher:
         return False
 
     def submit(self, folder: str | os.PathLike, *, path_in_repo: str | None = None, commit_message: str | None = None,
-               allow_patterns: list[str] | None = None, run_dir: bool = False) -> bool:  # fmt: skip
+               run_dir: bool = False) -> bool:  # fmt: skip
         """Queue an upload of ``folder`` (snapshotted now). True if queued; never raises.
 
         ``run_dir=True``: ``folder`` is a finished run dir; what `gpt2fit push` sends goes up, with
-        the card built now. Otherwise the folder's files go to ``path_in_repo`` (default: the root),
-        limited by ``allow_patterns`` (default: all; for a folder inside checkpoints/, CHECKPOINT_ALLOW
-        minus CHECKPOINT_IGNORE, so optimizer state, pickles and the manifest stay local).
+        the card built at upload time (it lists the checkpoint branches pushed before). A folder in
+        checkpoints/ becomes a complete model dir (``checkpoint_model_dir`` with ``template``) on
+        its branch ``step<N>``. Otherwise the folder's files go to ``path_in_repo`` (default: the root).
         """
         folder = Path(folder)
-        job = {"folder": folder, "path_in_repo": None if run_dir else path_in_repo, "run_dir": run_dir}
+        checkpoint = folder.parent.name == formats.CHECKPOINTS and not run_dir
+        job = {"folder": folder, "path_in_repo": None if run_dir or checkpoint else path_in_repo, "run_dir": run_dir,
+               "revision": revision_of(folder) if checkpoint else None}  # fmt: skip
         if self._closed:
             return self._fail(job, "submitted after finish(); not pushed")
         tmp = None
@@ -377,25 +426,31 @@ class BackgroundPusher:
             tmp = Path(tempfile.mkdtemp(prefix="gpt2fit-push-", dir=self._tmp_dir))
             if run_dir:
                 snapshot(run_files(_check_run_dir(folder)), tmp)
-                card = build_model_card(folder, repo_id=self.repo_id, license=self.license, revision=self.revision)
-                (tmp / "README.md").write_text(str(card), encoding="utf-8")
-            elif allow_patterns is None and folder.parent.name == formats.CHECKPOINTS:
-                snapshot(_files(folder, allow=CHECKPOINT_ALLOW, ignore=CHECKPOINT_IGNORE), tmp)
+            elif checkpoint:  # converted now: the trainer may rotate the checkpoint away at once
+                checkpoint_model_dir(folder, self.template or folder.parent.parent / formats.FINAL, tmp)
             else:
-                snapshot(_files(folder, allow=allow_patterns), tmp)
+                snapshot(_files(folder), tmp)
         except Exception as e:  # noqa: BLE001 - never raise into training (e.g. rotated away mid-snapshot)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             return self._fail(job, f"could not snapshot {folder}: {_first_line(e)}")
         job["snapshot"] = tmp
-        message = commit_message or f"gpt2fit: upload {path_in_repo or folder.name}"
+        message = commit_message or f"gpt2fit: upload {job['revision'] or path_in_repo or folder.name}"
         self._jobs.append((job, self._api.run_as_future(self._upload, job, message)))
         return True
 
     def _upload(self, job: dict, message: str) -> None:
         try:
+            if job["run_dir"]:
+                license = self.license or base_license(job["folder"], self._push_args["token"],
+                                                       self._push_args["endpoint"])  # fmt: skip
+                card = build_model_card(job["folder"], repo_id=self.repo_id, license=license, revision=self.revision,
+                                        checkpoints=self.revisions)  # fmt: skip
+                (job["snapshot"] / "README.md").write_text(str(card), encoding="utf-8")
+            branch = {"revision": job["revision"], "exact": True} if job["revision"] else {}
             push_folder(job["snapshot"], self.repo_id, path_in_repo=job["path_in_repo"], commit_message=message,
-                        **self._push_args)  # fmt: skip
+                        **{**self._push_args, **branch})  # fmt: skip
+            self.revisions += [job["revision"]] if job["revision"] else []
         except Exception as e:
             logger.warning("push of %s to %s failed: %s", job["folder"], self.repo_id, redact(_first_line(e)))
             raise  # logged now, recorded by finish()
@@ -418,7 +473,7 @@ class BackgroundPusher:
             elif future.exception() is not None:
                 self._fail(job, _first_line(future.exception()), log=False)
             else:
-                self.pushed.append(job["path_in_repo"] or str(job["folder"]))
+                self.pushed.append(job["revision"] or job["path_in_repo"] or str(job["folder"]))
         self._jobs = []
         return list(self.failures)
 
@@ -453,9 +508,11 @@ class PushOptions:
                                     "created if missing.")  # fmt: skip
     private: bool = opt(False, "Create the repo private (an existing repo keeps its visibility).")
     revision: str | None = opt(None, "Branch to push to, created from main if missing (default: main).")
-    include_checkpoints: bool = opt(False, "Also push complete checkpoints/step_N/ (weights and data position; "
-                                           "optimizer/RNG pickles stay local).")  # fmt: skip
-    license: str = opt(DEFAULT_LICENSE, "License id for the model card metadata, e.g. apache-2.0.")
+    include_checkpoints: bool = opt(False, "Also push each complete checkpoint as a complete model on branch "
+                                           "step<N> (from_pretrained(repo, revision='step1000')); optimizer state "
+                                           "stays local.")  # fmt: skip
+    license: str | None = opt(None, "License id for the model card, e.g. apache-2.0 (default: the base model's, "
+                                    "read from its Hub card; none for a model trained from scratch).")
     endpoint: str | None = opt(None, "Hub URL (default: $HF_ENDPOINT or https://huggingface.co).")
     commit_message: str | None = opt(None, "Commit message (default: 'gpt2fit: push <run name>').")
     dry_run: bool = opt(False, "Print the model card and the files that would be pushed; no network.")
@@ -477,7 +534,8 @@ def main(argv=None) -> int:
     total = _size(sum(size for _, size in result.files))
     if o.dry_run:
         print(result.card)
-        print(f"dry run: would push {len(result.files)} files ({total}) to {result.url}")
+        on_branch = "; step<N>:FILE is FILE on branch step<N>" if o.include_checkpoints else ""
+        print(f"dry run: would push {len(result.files)} files ({total}) to {result.url}{on_branch}")
     else:
         print(f"pushed {len(result.files)} files ({total}):")
     for path, size in result.files:

@@ -38,11 +38,11 @@ def main(argv=None) -> int:
         return 0
     check_push(cfg)
     run = setup(cfg)
-    pusher = make_pusher(cfg) if cfg.run.push_to_hub and run.accelerator.is_main_process else None
+    pusher = make_pusher(cfg, run) if cfg.run.push_to_hub and run.accelerator.is_main_process else None
     on_checkpoint = None
     if pusher is not None and cfg.run.hub_push_checkpoints:
-        def on_checkpoint(path, step):
-            pusher.submit(str(path), path_in_repo=f"checkpoints/{path.name}", commit_message=f"checkpoint step {step}")
+        def on_checkpoint(path, step):  # a complete model on branch step<N>
+            pusher.submit(str(path), commit_message=f"checkpoint step {step}")
     try:
         status = fit(run, on_checkpoint)
     except torch.OutOfMemoryError:
@@ -60,9 +60,11 @@ def check_push(cfg: TrainConfig) -> None:
                         "--push_to_hub and push later with `gpt2fit push RUN_DIR --repo_id ...`.")
 
 
-def make_pusher(cfg: TrainConfig) -> BackgroundPusher:
+def make_pusher(cfg: TrainConfig, run: Run) -> BackgroundPusher:
+    """Checkpoints are pushed as complete models: config and tokenizer come from the live model."""
     r = cfg.run
-    return BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision)
+    return BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision,
+                            template=(run.accelerator.unwrap_model(run.model).lm, run.tokenizer))
 
 
 def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
@@ -75,7 +77,8 @@ def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
                "init_from": cfg.model.init_from, "preset": cfg.model.preset, "data_dir": cfg.data.data_dir,
                "dataset": run.meta.get("source", {}).get("inputs") or run.meta.get("source", {}).get("dataset"),
                "n_params": run.n_params,
-               "device": device_name(a), "num_processes": a.num_processes,
+               "device": device_name(a), "num_processes": a.num_processes, "mixed_precision": a.mixed_precision,
+               "flops_per_token": run.flops_per_token,
                "tokens_per_step": run.tokens_per_step, "wall_time_s": round(time.time() - wall_start, 1)}
     if status == "completed":
         summary["final_dir"] = str(ckpt.export_final(a, run.model, run.tokenizer, run.out_dir))

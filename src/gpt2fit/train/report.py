@@ -198,5 +198,5 @@ class Reporter:
 
     def hellaswag(self, step: int, res: dict) -> None:
         self.log.log({"kind": "hellaswag", "step": step, "tokens": self.state["tokens"], "acc": res["acc"],
-                      "acc_norm": res["acc_norm"], "n": res["n"]})
+                      "acc_norm": res["acc_norm"], "acc_norm_token": res["acc_norm_token"], "n": res["n"]})
         self.a.print(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
