@@ -9,7 +9,10 @@ and cleaned up. Resuming checks every file's hash first, so a checkpoint damaged
 bad disk, a copy cut short, a file overwritten in place) fails with a message naming the file
 instead of resuming silently from wrong state; ``--resume auto`` then falls back to the newest
 intact checkpoint and keeps the damaged one, renamed ``damaged-step_<N>``. xxh3 hashes at ~11 GB/s
-in memory, so the cost is the disk read (benchmarks/checkpoint_hash/).
+in memory, so the cost is the disk read (benchmarks/checkpoint_hash/). Under DeepSpeed, save_state
+writes DeepSpeed's own sharded format (``pytorch_model/*.pt``, pickles that DeepSpeed loads in full,
+not weights-only: resume only from checkpoints you wrote); under FSDP, torch.distributed.checkpoint
+shards. The manifest covers every file either way.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import sys
 from pathlib import Path
 
 import xxhash
-from accelerate.utils import broadcast_object_list
-from transformers import GenerationConfig
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from gpt2fit import formats
 from gpt2fit.errors import UserError
+from gpt2fit.evaluate.model import save_tokenizer
 
 STATE = formats.CKPT_STATE
 MANIFEST = formats.CKPT_MANIFEST
@@ -195,12 +198,20 @@ def load(accelerator, path: Path) -> None:
 
 
 def export_final(accelerator, model, tokenizer, run_dir) -> Path:
-    """Write final/ (safetensors, config, generation config, tokenizer) atomically.
+    """Write final/ (safetensors, config, generation config, tokenizer) atomically: a model dir that
+    transformers 4.x and 5.x load (``save_tokenizer``), its generation config the model's own (as
+    stock GPT-2's: bos/eos, greedy unless asked).
 
     ``model`` is the prepared ``CausalLM``; every rank calls this (FSDP/DeepSpeed gather the full
     state dict collectively), the main process writes.
     """
-    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision != "no":
+        # DeepSpeed's module holds 16-bit copies; gather the fp32 master weights (every rank calls this)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state_dict = {n: safe_get_full_fp32_param(p) for n, p in accelerator.unwrap_model(model).named_parameters()}
+    else:
+        state_dict = accelerator.get_state_dict(model)
     lm = accelerator.unwrap_model(model, keep_torch_compile=False).lm
     final = Path(run_dir) / formats.FINAL
     tmp = final.parent / ".tmp-final"
@@ -214,9 +225,7 @@ def export_final(accelerator, model, tokenizer, run_dir) -> Path:
             raise RuntimeError(f"export: {len(missing)} weights missing from the state dict, e.g. {missing[:3]}; "
                                f"got keys like {list(state_dict)[:3]}")
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
-        eot = tokenizer.eos_token_id
-        GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, do_sample=True).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, lm.config.n_positions)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -3,14 +3,14 @@
 what is reported lives in report.py, and what happens after training (export, summary, plot,
 sample, push) in command.py.
 
-One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences on each process.
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences on each process,
+accumulated by Accelerate (``accumulate``), so DDP, DeepSpeed ZeRO and FSDP run the same step.
 The loss is weighted per token over the whole step: every micro-batch contributes
 ``sum(token losses) / tokens_in_step``, so accumulation 4 x batch 2 equals batch 8 exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import math
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, parse_flag_from_env, set_seed
 
 from gpt2fit import formats, hardware
 from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_count
@@ -44,7 +44,6 @@ from gpt2fit.train.optim import build_optimizer, build_scheduler
 from gpt2fit.train.report import MetricsLog, Reporter
 from gpt2fit.units import parse_size
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun with --resume auto
 MODEL_SHAPE_KEYS = ("preset", "init_from", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to",
                     "activation_function", "bias")
 
@@ -117,10 +116,18 @@ def preflight(cfg: TrainConfig):
     return meta, train_data, val_data, tokenizer, vocab
 
 
+def process_state() -> PartialState:
+    """The process group, made once per process (prepare_data and the Accelerator share it). On a host
+    without a GPU, Accelerate finds no backend unless use_cpu is set, and use_cpu turns DeepSpeed and
+    FSDP into DDP: there, name gloo, so DeepSpeed's engine runs on CPU processes too."""
+    gloo = torch.accelerator.current_accelerator() is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **({"backend": "gloo"} if gloo else {}))
+
+
 def prepare_data(cfg: TrainConfig) -> None:
     """Build data_dir from ``prepare_from`` (main process; the others wait and then read it)."""
     d = cfg.data
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         print(f"data_dir {d.data_dir} is not prepared yet: preparing it from {d.prepare_from}")
         prepare([s.strip() for s in d.prepare_from.split(",")], d.data_dir, tokenizer=d.tokenizer,
@@ -184,6 +191,7 @@ def make_accelerator(cfg: TrainConfig):
     # second Accelerator would silently reuse: give every run (main() called twice in one
     # process: tests, notebooks) its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    process_state()
     # without --compile, an `accelerate config` dynamo setting (environment) still applies
     dynamo = TorchDynamoPlugin(backend="inductor", mode=m.compile_mode,
                                use_regional_compilation=m.compile_scope == "blocks") if m.compile else None
@@ -192,6 +200,29 @@ def make_accelerator(cfg: TrainConfig):
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         dynamo_plugin=dynamo,
     )
+
+
+def configure_engine(accelerator, micro: int, accum: int, oargs) -> None:
+    """Accelerate's accumulation is ours; DeepSpeed's engine, which clips and steps inside backward,
+    also takes the micro-batch and the clipping from the run's settings, not its config file."""
+    kind, n = accelerator.distributed_type, accelerator.num_processes
+    if n > 1 and kind == DistributedType.NO:  # each process would train a model of its own
+        raise UserError(f"{n} processes but Accelerate set up no engine to join them (it runs FSDP on GPUs "
+                        "only); on a CPU use DDP (ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...) "
+                        "or a DeepSpeed config.")
+    if oargs.optimizer != "adamw" and kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        engine = "DeepSpeed" if kind == DistributedType.DEEPSPEED else "FSDP"
+        raise UserError(f"optimizer={oargs.optimizer} runs on one device or under DDP (multi_gpu.yaml), not "
+                        f"{engine}, which shards or offloads the AdamW states itself: use --optimizer adamw.")
+    accelerator.gradient_accumulation_steps = accum
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:
+        # zero_force_ds_cpu_optimizer: with offload, keep our torch AdamW (stepped on the CPU) instead of
+        # Accelerate's swap to DeepSpeedCPUAdam, whose param groups a resume replaces, so that the LR
+        # schedule, written into the old ones, would silently stop applying
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+                                   train_batch_size=micro * accum * n, gradient_clipping=oargs.grad_clip,
+                                   zero_force_ds_cpu_optimizer=False)
 
 
 def compile_note(accelerator) -> str:
@@ -205,6 +236,10 @@ def compile_note(accelerator) -> str:
 
 def setup(cfg: TrainConfig) -> Run:
     meta, train_data, val_data, tokenizer, vocab = preflight(cfg)
+    set_seed(cfg.run.seed)
+    # built whole, before the Accelerator: with DeepSpeed ZeRO-3 in effect transformers would build it
+    # already partitioned (zero.Init), with other random weights and 0-element tensors in their place
+    lm = build_model(cfg.model, vocab, cfg.run.seed, eot_id=int(meta["tokenizer"]["eot_id"]))
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     if device.type == "cuda":
@@ -214,8 +249,6 @@ def setup(cfg: TrainConfig) -> Run:
             cap = parse_size(cfg.run.max_memory)
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    set_seed(cfg.run.seed)
-    lm = build_model(cfg.model, vocab, cfg.run.seed, eot_id=int(meta["tokenizer"]["eot_id"]))
     if cfg.model.block_size > lm.config.n_positions:
         raise UserError(f"block_size={cfg.model.block_size} exceeds the model's n_positions="
                         f"{lm.config.n_positions}; lower --block_size.")
@@ -227,6 +260,7 @@ def setup(cfg: TrainConfig) -> Run:
     if micro is None:
         micro = auto_micro_batch(cfg, model, accelerator)
     accum = grad_accum_for(cfg, micro, world)
+    configure_engine(accelerator, micro, accum, cfg.optim)
     tokens_per_step = micro * cfg.model.block_size * accum * world
     batches = WindowBatches(train_data, cfg.model.block_size, micro, seed=cfg.run.seed,
                             rank=accelerator.process_index, world=world, sampling=cfg.data.sampling)
@@ -240,15 +274,15 @@ def setup(cfg: TrainConfig) -> Run:
     total_steps = max(1, min(steps))
     optimizer = build_optimizer(model, cfg.optim, device.type, fused=cfg.run.host_sync == "log")
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    n = n_params(lm)  # (before prepare: ZeRO-3 and FSDP leave each process a shard)
+    fpt = hardware.flops_per_token(n_params(lm, non_embedding=True), lm.config.n_layer, lm.config.n_embd,
+                                   cfg.model.block_size)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     resume_from, resume_state = prepare_out_dir(cfg, accelerator)
     trackers = bool(accelerator.log_with)
     if trackers:
         accelerator.init_trackers("gpt2fit", config={k: v for k, v in cfg.to_flat().items()
                                                      if isinstance(v, (int, float, str, bool))})
-    n = n_params(lm)
-    fpt = hardware.flops_per_token(n_params(lm, non_embedding=True), lm.config.n_layer, lm.config.n_embd,
-                          cfg.model.block_size)
     run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               tokenizer=tokenizer, train_batches=batches, val_data=val_data, micro=micro, accum=accum,
               total_steps=total_steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
@@ -335,18 +369,20 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool | to
     schedule. Returns (summed token loss on this rank, global grad norm, whether it was applied: a
     bool, or with host_sync=log a 0-d bool tensor still on the device)."""
     a, device = run.accelerator, run.accelerator.device
-    tokens_per_rank_step = run.micro * run.cfg.model.block_size * run.accum
+    tokens_per_micro = run.micro * run.cfg.model.block_size
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
-    for micro_i in range(run.accum):
+    for _ in range(run.accum):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = micro_i == run.accum - 1  # gradients are all-reduced once, on the last micro-batch
-        with contextlib.nullcontext() if sync else a.no_sync(run.model):
+        # Accelerate syncs gradients on the last micro-batch only (DeepSpeed also steps there) and
+        # divides the loss by the accumulation steps: per token over the whole optimizer step
+        with a.accumulate(run.model):
             loss_sum = run.model(x, y)
-            a.backward(loss_sum / tokens_per_rank_step)
+            a.backward(loss_sum / tokens_per_micro)
         step_loss += loss_sum.detach().float()
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = a.clip_grad_norm_(run.model.parameters(), clip)
+    # (DeepSpeed clipped, and skipped a non-finite step, inside backward; it returns its norm as a float)
+    grad_norm = torch.as_tensor(a.clip_grad_norm_(run.model.parameters(), clip), device=device)
     # (with fp16 the grad scaler skips inf gradients itself, so only the loss is checked)
     finite = torch.isfinite(step_loss)
     if a.mixed_precision != "fp16":
@@ -370,8 +406,6 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, bool | to
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
     return step_loss, grad_norm, finite
-
-
 
 
 def due(step: int, interval: int, last: bool) -> bool:
