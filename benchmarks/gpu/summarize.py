@@ -1,5 +1,6 @@
-"""Merge the JSON files of one run_all.sh into gpu_bench.json / gpu_bench.md / planner_rows.json and
-print the short summary table (last, so it is what a terminal or a log tail shows).
+"""Merge the JSON files of one run_all.sh or first_call.sh into gpu_bench.json / gpu_bench.md /
+planner_rows.json, check issue #18's targets, and print the short summary table (last, so it is what
+a terminal or a log tail shows).
 
     python benchmarks/gpu/summarize.py RAW_DIR RESULTS_DIR
 
@@ -78,6 +79,46 @@ def planner_check(rows: list[dict]) -> list[str]:
     return out
 
 
+def targets(docs: dict) -> list[str]:
+    """Issue #18's targets as far as these runs measured them: MFU (datasheet peak) and the speedup over
+    the Trainer, uncapped rows; the largest micro-batch that ran under --max_memory, per model, with or
+    without checkpointing, vocab padded (pretraining) or not (the finetune shape)."""
+    rows = [r for d in docs.values() for r in d["rows"]]
+    ran = [r for r in rows if r.get("tokens_per_s")]
+    verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    out = ["## Targets (issue #18)", ""]
+    for model in dict.fromkeys(r["model"] for r in ran if not r.get("max_memory")):
+        mine = [r for r in ran if r["model"] == model and not r.get("max_memory")]
+        goal = {"gpt2": 0.45, "gpt2-medium": 0.50}.get(model)
+        best = max(mine, key=lambda r: r.get("mfu") or 0)
+        if best.get("mfu") is not None:
+            out.append(f"MFU {model}: best {100 * best['mfu']:.1f}% ({lever_text(best)})" +
+                       (f"; target {goal:.0%}: {verdict(best['mfu'] >= goal)}" if goal else ""))
+        like = [r for r in mine if r.get("vs_trainer_like_for_like") and r.get("speedup_vs_trainer")]
+        fastest = max(mine, key=lambda r: r.get("speedup_vs_trainer") or 0)
+        if like and fastest.get("speedup_vs_trainer"):
+            out.append(f"tokens/s vs Trainer {model}: like for like {like[0]['speedup_vs_trainer']:.2f}x, best "
+                       f"{fastest['speedup_vs_trainer']:.2f}x ({lever_text(fastest)})" +
+                       (f"; target 1.5x: {verdict(fastest['speedup_vs_trainer'] >= 1.5)}" if goal else ""))
+    shapes: dict = {}  # under a cap: model, cap, vocab padding (none: the finetune shape; 64: pretraining)
+    for r in rows:
+        if r.get("max_memory") and r.get("micro_batch_size"):
+            shapes.setdefault((r["model"], r["max_memory"], r["settings"].get("pad_vocab_to", 1)), []).append(r)
+    for (model, cap, pad), rs in shapes.items():
+        largest = {ckpt: max((r["micro_batch_size"] for r in rs if r.get("tokens_per_s")
+                              and bool(r["grad_checkpointing"]) == ckpt), default=None) for ckpt in (False, True)}
+        ooms = sorted({r["micro_batch_size"] for r in rs if r.get("oom")})
+        vocab = f"vocab padded to {pad}" if pad > 1 else "vocab unpadded"
+        line = (f"under {cap}, {model}, {vocab}: largest micro-batch that ran {largest[False] or '-'} without "
+                f"checkpointing, {largest[True] or '-'} with; OOM at {ooms or 'none'}")
+        # the targets: gpt2 without checkpointing; gpt2-medium (pretraining, finetuning) with any levers
+        best = largest[False] if model == "gpt2" else max((m for m in largest.values() if m), default=None)
+        if model in ("gpt2", "gpt2-medium"):
+            line += f"; target 16{' without checkpointing' if model == 'gpt2' else ''}: {verdict((best or 0) >= 16)}"
+        out.append(line)
+    return out
+
+
 def short_table(docs: dict) -> str:
     """One block per run, in the order they ran: its common settings once, then a line per cell."""
     head = ("id", "levers", "micro", "tok/s", "step ms", "MFU", "MFU meas", "res GiB", "pred/res", "vs Trainer")
@@ -129,21 +170,21 @@ def main(raw: str, results: str) -> int:
         return 1
     first = next(iter(docs.values()))
     rows = [{**r, "_run": name} for name, d in docs.items() for r in d["rows"]]
-    merged = {"benchmark": "gpt2fit GPU suite (benchmarks/gpu/run_all.sh)", "device": first["device"],
+    merged = {"benchmark": "gpt2fit GPU suite (benchmarks/gpu/run_all.sh, first_call.sh)", "device": first["device"],
               "versions": first["versions"], "gpt2fit": first.get("gpt2fit"), "runs": docs}
     (out_dir / "gpu_bench.json").write_text(json.dumps(merged, indent=1) + "\n")
     planner = [{k: v for k, v in r.items() if k not in ("step_times_s", "warmup_times_s")}
                for r in rows if not r["oom"] and not r["error"] and r.get("mfu") is not None
                and all(r.get(k) == v for k, v in PLANNER_KERNELS.items())]
     (out_dir / "planner_rows.json").write_text(json.dumps(
-        {"benchmark": "gpt2fit bench rows at default kernels, for `gpt2fit plan` (from benchmarks/gpu/run_all.sh)",
+        {"benchmark": "gpt2fit bench rows at default kernels, for `gpt2fit plan` (from benchmarks/gpu/)",
          "device": first["device"], "versions": first["versions"], "rows": planner}, indent=1) + "\n")
     md = [f"# gpt2fit GPU suite: {first['device']['name']}", ""]
     for name, d in docs.items():
         md += [f"## {name}", "", f"`{d['command']}`", "", table(d)]
-    md += planner_check(rows)
+    md += planner_check(rows) + [""] + targets(docs)
     (out_dir / "gpu_bench.md").write_text("\n".join(md) + "\n")
-    print("\n".join(planner_check(rows)[2:]))
+    print("\n".join(planner_check(rows)[2:] + targets(docs)[1:]))
     print(f"\nwrote {out_dir}/gpu_bench.json, gpu_bench.md, planner_rows.json ({len(planner)} planner rows)\n")
     precisions = sorted({str(r.get("precision")) for r in rows if r.get("precision")})
     print(f"{first['device']['name']}, torch {first['versions']['torch']}, transformers "
