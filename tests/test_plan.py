@@ -357,9 +357,119 @@ def test_fixed_settings_and_budget():
 
 
 def test_nothing_fits_gives_no_choice():
-    p = plan_run("gpt2-xl", gpu=None, memory_bytes=6 * GiB, bench_dirs=[])
-    assert p.chosen is None and not any(c.fits for c in p.candidates)
+    p = plan_run("gpt2-xl", gpu=None, memory_bytes=6 * GiB, bench_dirs=[], engine="ddp")
+    assert p.chosen is None and not any(c.fits for c in p.candidates) and p.alternatives == []
     assert "nothing fits" in format_plan(p)
+    # not even an engine: each one's best is listed, and the closest says how much GPU memory it lacks
+    p = plan_run("gpt2-xl", gpu=None, memory_bytes=1 * GiB, bench_dirs=[])
+    assert p.chosen is None and [c.engine for c in p.alternatives] == list(plan.ENGINES[1:])
+    assert not any(c.fits for c in p.alternatives)
+    assert "closest: --engine fsdp2_offload at micro-batch 1 lacks" in format_plan(p)
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+XL = count_params("gpt2-xl")
+
+
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "fsdp2"])
+def test_sharded_state_shrinks_as_one_over_processes(engine):
+    est = {w: estimate_memory("gpt2-xl", engine=engine, n_processes=w) for w in (1, 2, 4, 8)}
+    for w, e in est.items():
+        assert e.optimizer == (12 if engine.startswith("zero") else 8) * XL // w  # master weights + AdamW / shards
+    bucket = 2 * plan.DS_REDUCE_BUCKET
+    if engine == "zero1":  # only the optimizer state is sharded
+        assert {e.gradients for e in est.values()} == {2 * XL + bucket} and {e.weights for e in est.values()} == {2 * XL}
+    if engine == "zero2":
+        assert [e.gradients - bucket for e in est.values()] == [2 * XL // w for w in est]
+        assert {e.weights for e in est.values()} == {2 * XL}
+    if engine in ("zero3", "fsdp2"):  # the weights too, plus what is gathered to compute
+        assert est[8].weights < est[4].weights < est[2].weights < est[1].weights
+    assert est[8].total < est[1].total
+
+
+def test_ddp_replicates_everything():
+    one, four = (estimate_memory("gpt2-xl", n_processes=w) for w in (1, 4))
+    assert one.optimizer == four.optimizer == 8 * XL and four.gradients == 2 * one.gradients  # + DDP buckets
+
+
+def test_offload_moves_the_optimizer_state_to_the_host():
+    kw = dict(grad_checkpointing=True, loss_chunk_size=1024, micro_batch_size=4)
+    for gpu_engine, offload, host_state in (("zero2", "zero2_offload", 16 * XL), ("zero3", "zero3_offload", 18 * XL),
+                                            ("fsdp2", "fsdp2_offload", 16 * XL)):
+        on_gpu, off = estimate_memory("gpt2-xl", engine=gpu_engine, **kw), estimate_memory("gpt2-xl", engine=offload, **kw)
+        assert off.optimizer == 0 < on_gpu.optimizer and off.total < on_gpu.total - 10 * GiB
+        assert off.activations == on_gpu.activations  # offload moves state, not activations
+        assert off.host == host_state + plan.HOST_PROCESS_BYTES > on_gpu.host
+    # without offload the host holds each process's start-up fp32 model (4N each) + the allowance
+    assert estimate_memory("gpt2-xl", engine="zero2", n_processes=4).host == 4 * (4 * XL + plan.HOST_PROCESS_BYTES)
+    # with it, the start-up copies are gone by the time the engine builds its state: the larger counts
+    assert estimate_memory("gpt2", engine="zero2_offload", n_processes=8).host == 8 * (
+        4 * count_params("gpt2") + plan.HOST_PROCESS_BYTES)
+
+
+def test_deepspeed_runs_a_bf16_module_without_autocast():
+    kw = dict(micro_batch_size=4, grad_checkpointing=True, loss_chunk_size=1024)
+    ddp, zero, fsdp = (estimate_memory("gpt2-medium", engine=e, **kw) for e in ("ddp", "zero2", "fsdp2"))
+    n = count_params("gpt2-medium")
+    assert ddp.weights > 5 * n and zero.weights == 2 * n  # no fp32 weights, no autocast copies
+    # a 2-byte residual stream: each checkpointed block input is 2 bytes per channel, not 4
+    assert ddp.activations - zero.activations >= 4 * 1024 * 24 * 2 * 1024
+    assert fsdp.activations == ddp.activations  # Accelerate autocasts FSDP2 too
+    assert zero.logits < ddp.logits  # the chunked loss needs no 16-bit copy of a 16-bit weight
+
+
+def test_engines_refuse_8bit_optimizers_and_unknown_names():
+    with pytest.raises(UserError, match="adamw8bit runs on one device or under DDP, not zero2.*--optimizer adamw"):
+        estimate_memory("gpt2", engine="zero2", optimizer="adamw8bit")
+    with pytest.raises(UserError, match="engine='zero4'.*not one of.*Did you mean 'zero"):
+        main(["--engine", "zero4"])
+    with pytest.raises(UserError, match="adamw8bit runs on one device or under DDP, not fsdp2"):
+        main(["--engine", "fsdp2", "--optimizer", "adamw8bit"])
+
+
+def test_gpt2_xl_fits_a_4070_only_with_an_offload_engine(capsys):
+    p = plan_run("gpt2-xl", gpu="rtx-4070", bench_dirs=[])
+    assert p.engine == "ddp" and not any(c.fits for c in p.candidates)
+    fits = {c.engine for c in p.alternatives if c.fits}
+    assert fits and all(e.endswith("_offload") for e in fits)
+    assert p.chosen.engine in fits and p.chosen.micro_batch_size >= 1 and p.block_size == 1024
+    # with checkpointing and the chunked loss, ZeRO-3 offload fits a micro-batch well above 1 at T=1024
+    z3 = plan_run("gpt2-xl", gpu="rtx-4070", engine="zero3_offload", grad_checkpointing=True, loss_chunk_size=1024,
+                  bench_dirs=[])
+    assert z3.chosen.fits and z3.chosen.max_micro_batch >= 8 and z3.alternatives == []
+    assert main(["--model", "gpt2-xl", "--gpu", "rtx-4070"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing fits under ddp" in out and f"under {p.chosen.engine}" in out
+    assert "accelerate launch --config_file accelerate_configs/deepspeed_" in out
+
+
+def test_host_memory_decides_between_offload_engines():
+    p = plan_run("gpt2-xl", gpu="rtx-4070", bench_dirs=[], host_memory=26 * GiB)
+    assert p.chosen is not None and p.chosen.memory.host <= 26 * GiB
+    assert not next(c for c in p.alternatives if c.engine == "zero3_offload").fits  # needs 18N + allowance
+    p = plan_run("gpt2-xl", gpu="rtx-4070", bench_dirs=[], host_memory=16 * GiB)
+    assert p.chosen is None
+    assert "of host RAM" in format_plan(p)
+
+
+def test_offload_throughput_pays_for_pcie():
+    kw = dict(gpu="rtx-4070", grad_checkpointing=True, loss_chunk_size=1024, micro_batch_size=4, bench_dirs=[])
+    z2, z3 = (plan_run("gpt2-xl", engine=e, **kw).chosen for e in ("zero2_offload", "zero3_offload"))
+    ideal = z2.mfu * GPUS["rtx-4070"].bf16_dense_flops / flops_per_token(count_params_for_flops("gpt2-xl"), 48, 1600, 1024)
+    assert z3.tokens_per_s < z2.tokens_per_s < ideal  # zero3 also fetches the weights three times a micro-step
+
+
+def test_the_xl_recipe_fits_its_card_under_its_engine():
+    from gpt2fit.config import micro_batch, parse_config
+
+    cfg, _ = parse_config(["finetune-gpt2-xl-12gb"])
+    assert cfg.model.init_from == "gpt2-xl" and cfg.optim.optimizer == "adamw"
+    micro = micro_batch(cfg)
+    est = estimate_memory("gpt2-xl", engine="zero3_offload", micro_batch_size=micro,
+                          **plan.memory_settings(cfg, "bf16"))
+    assert est.fits(GPUS["rtx-4070"].memory_bytes) and est.host < 32 * GiB
+    assert micro * cfg.model.block_size * 8 == parse_count(cfg.optim.tokens_per_step)  # its comment's arithmetic
 
 
 def test_measured_mfu_from_benchmarks_json(tmp_path):

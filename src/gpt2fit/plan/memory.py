@@ -54,6 +54,24 @@ The peak is max(forward/backward: the sum of the components, optimizer step: fp3
 gradients + optimizer states + step temporaries + 256 MiB). Usable memory: the GPU's total minus
 CUDA_RESERVE_BYTES (0.75 GiB of CUDA context, kernels and library handles PyTorch does not see),
 minus a safety margin (10%).
+
+Engines (``engine``, as accelerate_configs/ set them up; W = processes; bf16 figures: in fp32 the
+weights and gradients take 4 bytes, with no master copy). Rajbhandari et al. 2020 (ZeRO, arXiv
+1910.02054) fig. 1, K = 12; Ren et al. 2021 (ZeRO-Offload, arXiv 2101.06840).
+zero1, zero2   DeepSpeed's module is bf16 (2N) and runs without autocast (no 16-bit copies; a 2-byte
+               residual stream). Master weights + AdamW states 12N/W; gradients 2N (zero1), 2N/W (zero2);
+               + the reduce bucket, 5e8 elements (DeepSpeed's default; Accelerate fills "auto" sizes from
+               the hidden size only in a JSON config).
+zero3          16N/W + the bucket + the working set: tensors under 1e5 elements whole on every GPU, the
+               rest gathered up to stage3_max_live_parameters (1e9 elements, prefetch included).
+zero2_offload  GPU: 2N + the bucket. Host: master weights, AdamW states, fp32 gradients, 16N.
+zero3_offload  GPU: the working set + the bucket. Host: the same + the bf16 weights, 18N.
+fsdp2          16N/W (fp32 shards) + two blocks' bf16 weights gathered (computing, prefetched) + the root
+               module's (wte, wpe, ln_f; not resharded) + one block's bf16 gradient. Accelerate also
+               autocasts: activations as under DDP. fsdp2_offload: GPU: the gathered pieces; host 16N.
+Host RAM (the machine): each process first builds the fp32 model (4N), cast or moved before the
+engine builds its state: max(W*4N, offloaded state) + HOST_PROCESS_BYTES per process.
+DeepSpeed and FSDP run AdamW only (gpt2fit refuses the 8-bit optimizers there).
 """
 
 from __future__ import annotations
@@ -86,6 +104,12 @@ LOSS_VOCAB_SLICE = 8192  # gpt2fit.train.loss._VOCAB_SLICE: weight-gradient rows
 BNB_BLOCK_SIZE = 256  # bitsandbytes 8-bit optimizer state block (one fp32 absmax per block)
 BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit optimizer state
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "workspace")
+# in order of preference: the least data moved per step first (sharding, then offload over PCIe)
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "zero2_offload", "zero3_offload", "fsdp2_offload")
+DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default
+DS_PERSISTENCE = 100_000  # stage3_param_persistence_threshold: smaller tensors stay whole on each GPU
+DS_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters
+HOST_PROCESS_BYTES = 2 * GiB  # Python, torch and the CUDA libraries per process: an allowance, not measured
 
 
 def dtype_name(mixed_precision: str) -> str:
@@ -199,6 +223,7 @@ class MemoryEstimate:
     activations_per_sequence: int  # activations / micro_batch_size (without checkpointing's fixed part)
     micro_batch_size: int
     block_size: int
+    host: int = 0  # host RAM of the machine (all processes): start-up copies, offloaded state
     forward_backward: int = field(init=False)  # the sum of the components
     total: int = field(init=False)  # the peak: max(forward_backward, optimizer_step)
 
@@ -231,25 +256,53 @@ def _optimizer_bytes(tensors: list[tuple[str, int]], optimizer: str) -> tuple[in
                for name, k in tensors), 0
 
 
+def engine_bytes(tensors: list[tuple[str, int]], engine: str, W: int, mixed: bool) -> tuple[int, int, int, int]:
+    """(weights, gradients, AdamW states) per GPU and the offloaded host bytes of the machine, under
+    a DeepSpeed or FSDP2 engine (see the module docstring)."""
+    N = sum(k for _, k in tensors)
+    pw = 2 if mixed else 4  # bytes per parameter of the compute weights and their gradients
+    if engine.startswith("fsdp2"):
+        block = sum(k for name, k in tensors if name.startswith("h.0."))
+        gathered = pw * (2 * block + sum(k for name, k in tensors if not name.startswith("h.")))
+        if engine.endswith("offload"):
+            return gathered, pw * block, 0, 16 * N
+        return 4 * N // W + gathered, 4 * N // W + pw * block, 8 * N // W, 0
+    states, bucket = (12 if mixed else 8) * N, pw * DS_REDUCE_BUCKET
+    small = sum(k for _, k in tensors if k < DS_PERSISTENCE)
+    gathered = pw * (small + min(N - small, DS_MAX_LIVE))
+    if engine == "zero2_offload":
+        return pw * N, bucket, 0, states + 4 * N
+    if engine == "zero3_offload":
+        return gathered, bucket, 0, states + 4 * N + pw * N
+    weights = pw * (N - small) // W + gathered if engine == "zero3" else pw * N
+    return weights, (pw * N if engine == "zero1" else pw * N // W) + bucket, states // W, 0
+
+
 def estimate_memory(model_cfg: Any, *, block_size: int | None = None, micro_batch_size: int = 1,
                     mixed_precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
                     loss_chunk_size: int = 0, attn_implementation: str = "sdpa", dropout: float | None = None,
-                    activation: str | None = None, n_processes: int = 1) -> MemoryEstimate:
-    """Peak GPU memory of a training micro-step (per process), by component, for a preset name, a
-    ModelShape, a GPT2Config-like object or a config.json dict. ``activation`` / ``dropout`` default
-    to the config's (a config's gelu_new counts as gelu_pytorch_tanh, which gpt2fit swaps in)."""
+                    activation: str | None = None, n_processes: int = 1, engine: str = "ddp") -> MemoryEstimate:
+    """Peak GPU memory of a training micro-step (per process), by component, and the host RAM, for a
+    preset name, a ModelShape, a GPT2Config-like object or a config.json dict. ``activation`` /
+    ``dropout`` default to the config's (a config's gelu_new counts as gelu_pytorch_tanh, which
+    gpt2fit swaps in)."""
     m = model_shape(model_cfg)
     check_choice("mixed_precision", mixed_precision, PRECISIONS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("attn_implementation", attn_implementation, ATTENTIONS)
+    check_choice("engine", engine, ENGINES)
+    if engine != "ddp" and optimizer != "adamw":
+        raise UserError(f"optimizer={optimizer} runs on one device or under DDP, not {engine}, which shards or "
+                        "offloads the AdamW states itself: use --optimizer adamw (or --engine ddp).")
     T, B = int(block_size or m.n_positions), int(micro_batch_size)
     if not 1 <= T <= m.n_positions:
         raise UserError(f"block_size {T} must be between 1 and the model's n_positions ({m.n_positions})")
     if B < 1:
         raise UserError(f"micro_batch_size must be at least 1, got {B}")
     dropout = m.dropout if dropout is None else float(dropout)
-    mixed = mixed_precision != "no"
+    mixed, ddp = mixed_precision != "no", engine == "ddp"
     act = 2 if mixed else 4
+    rb = 2 if mixed and engine.startswith("zero") else 4  # residual stream: fp32 under autocast
     C, V, L = m.n_embd, m.vocab_size, m.n_layer
     tokens = B * T
 
@@ -259,20 +312,26 @@ def estimate_memory(model_cfg: Any, *, block_size: int | None = None, micro_batc
     matmul_params = sum(k for name, k in tensors if name != "wpe" and "ln_" not in name)
     if loss_chunk_size:  # the chunked loss casts the lm_head weight itself (counted in logits)
         matmul_params -= V * C
-    weights = 4 * N + (2 * matmul_params if mixed else 0)
-    gradients = 4 * N * (2 if n_processes > 1 else 1)
     opt_state, opt_temp = _optimizer_bytes(tensors, optimizer)
+    if ddp:
+        weights, host = 4 * N + (2 * matmul_params if mixed else 0), 0
+        gradients = 4 * N * (2 if n_processes > 1 else 1)
+        step = 4 * N + gradients + opt_state + opt_temp
+    else:
+        weights, gradients, opt_state, host = engine_bytes(tensors, engine, n_processes, mixed)
+        step = weights + gradients + opt_state + (0 if engine.endswith("offload") else opt_temp // n_processes)
+    host = max(host, n_processes * 4 * N) + n_processes * HOST_PROCESS_BYTES
 
     # what one GPT2Block keeps per token: LayerNorm inputs (fp32 residual stream, also under autocast),
     # c_attn input + q, k, v + attention output, logsumexp, c_fc input, the MLP activation, dropout masks
     I, a, fused = m.inner, m.n_head, (activation or m.activation) in FUSED_ACTIVATIONS
-    per_layer = (2 * (4 * C + 8) + 5 * act * C + 4 * a + act * C + (2 * act * I if fused else (12 + 2 * act) * I)
+    per_layer = (2 * (rb * C + 8) + 5 * act * C + 4 * a + act * C + (2 * act * I if fused else (12 + 2 * act) * I)
                  + (2 * C if dropout > 0 else 0))
     if attn_implementation == "eager":  # fp32 softmax output (+ its 16-bit copy, or mask + output)
         per_layer += a * T * (4 + (1 + act if dropout > 0 else act if mixed else 0))
-    non_layer = 8 + (4 * C + 8) + (C if dropout > 0 else 0)  # ids, ln_f input (+ embedding dropout mask)
+    non_layer = 8 + (rb * C + 8) + (C if dropout > 0 else 0)  # ids, ln_f input (+ embedding dropout mask)
     if grad_checkpointing:  # each block's fp32 input, + one block's full set during its recompute
-        per_sequence = T * (L * 4 * C + non_layer + per_layer)
+        per_sequence = T * (L * rb * C + non_layer + per_layer)
     else:
         per_sequence = T * (L * per_layer + non_layer)
     activations = B * per_sequence
@@ -285,7 +344,7 @@ def estimate_memory(model_cfg: Any, *, block_size: int | None = None, micro_batc
         if mixed:  # weight copy + max(fp32 chunk and its 16-bit copy, 16-bit copy + one vocab slice
             # of the weight-gradient product and its fp32 cast)
             slice_tmp = min(V, LOSS_VOCAB_SLICE) * C * (act + 4)
-            forward_extra = act * V * C + max((4 + act) * rows * V, act * rows * V + slice_tmp)
+            forward_extra = (act * V * C if ddp else 0) + max((4 + act) * rows * V, act * rows * V + slice_tmp)
         else:
             forward_extra = 4 * rows * V
         logits = saved + max(forward_extra, saved)  # backward: the scaled copies handed to autograd
@@ -293,8 +352,8 @@ def estimate_memory(model_cfg: Any, *, block_size: int | None = None, micro_batc
     workspace = WORKSPACE_FIXED_BYTES + act * V * C + int(FRAGMENTATION * (activations + logits))
     return MemoryEstimate(
         weights=weights, gradients=gradients, optimizer=opt_state, activations=activations, logits=logits,
-        workspace=workspace, optimizer_step=4 * N + gradients + opt_state + opt_temp + WORKSPACE_FIXED_BYTES,
-        activations_per_sequence=per_sequence, micro_batch_size=B, block_size=T)
+        workspace=workspace, optimizer_step=step + WORKSPACE_FIXED_BYTES, activations_per_sequence=per_sequence,
+        micro_batch_size=B, block_size=T, host=host)
 
 
 def max_micro_batch(model_cfg: Any, *, memory_bytes: int, margin: float = DEFAULT_MARGIN, limit: int = 1024,

@@ -6,7 +6,8 @@ memory by component (``plan.memory``), whether it fits and the largest micro-bat
 the chosen setting as train flags, the accumulation that reaches the target tokens per optimizer
 step, tokens/s, the time to the token budget, the training FLOPs and the Chinchilla-optimal token
 count. The options are `gpt2fit train`'s. No torch: a Hub model's config.json comes through
-huggingface_hub.
+huggingface_hub. ``--engine`` plans under one of Accelerate's DeepSpeed / FSDP2 engines instead of
+DDP; when nothing fits under DDP, the plan tries them all and names the accelerate_configs/ file.
 
 Speed: tokens/s = MFU * peak FLOP/s / FLOPs per token (PaLM appendix B / nanoGPT's
 estimate_mfu): 6N + 12*L*C*T FLOPs per token, forward + backward, where N counts every parameter
@@ -15,7 +16,7 @@ lookups are free); 12*L*C*T is the attention score and value matmuls, counted wi
 causal-mask saving, as nanoGPT does. MFU comes from benchmarks/*.json when a row matches (model,
 checkpointing, optimizer, loss, device, block, precision), else it is an assumption: 0.40 without
 checkpointing, 0.30 with it (recomputing the forward costs 2N of 8N, and FLOPs are counted
-without the recompute).
+without the recompute). An offload engine's micro-step also waits for its PCIe traffic.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from gpt2fit.formats import resolve_model_path
 from gpt2fit.hardware import GPU, GPUS, flops_per_token, gpu_key_for_device, resolve_gpu, resolve_precision
 from gpt2fit.options import opt
 from gpt2fit.plan.memory import (
-    CUDA_RESERVE_BYTES, DEFAULT_MARGIN, FUSED_ACTIVATIONS, LOSS_CHUNK_SIZE, OPTIMIZERS, PRECISIONS, MemoryEstimate,
-    ModelShape, check_choice, count_params, count_params_for_flops, dtype_name, estimate_memory, max_micro_batch,
+    CUDA_RESERVE_BYTES, DEFAULT_MARGIN, ENGINES, FUSED_ACTIVATIONS, LOSS_CHUNK_SIZE, OPTIMIZERS, MemoryEstimate,
+    ModelShape, count_params, count_params_for_flops, dtype_name, estimate_memory, max_micro_batch,
     model_shape, preset_name, scratch_shape, usable_memory,
 )
 from gpt2fit.units import GiB, format_bytes, format_count, format_duration, parse_count, parse_size
@@ -45,6 +46,10 @@ from gpt2fit.units import GiB, format_bytes, format_count, format_duration, pars
 ASSUMED_MFU = {False: 0.40, True: 0.30}  # by gradient checkpointing
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
 DEFAULT_TOKENS_PER_STEP = 524288  # 2**19, ~0.5M tokens per optimizer step (GPT-2 124M in nanoGPT)
+PCIE_BYTES_PER_S = 25e9  # host <-> GPU as PCIe 4.0 x16 achieves it (an assumption), for offload's traffic
+# bytes per parameter an offload engine moves up per forward, backward or recompute: the weights that live
+# on the host (fsdp2: fp32, cast on the GPU); + 2 (16-bit gradients down) per micro-step
+OFFLOAD_UP = {"zero2_offload": 0, "zero3_offload": 2, "fsdp2_offload": 4}
 
 
 # -- Options: the training ones, under their names, and the plan's own ------------------------
@@ -94,6 +99,10 @@ class PlanArgs:
     margin: float = opt(DEFAULT_MARGIN, f"Fraction of memory (after the {CUDA_RESERVE_BYTES / GiB:.2f} GiB CUDA "
                                         "reserve) to keep free, in [0, 1).", minimum=0)
     n_processes: int = opt(1, "Data-parallel processes (GPUs); memory is per process.", minimum=1)
+    engine: str | None = opt(None, "Accelerate's engine: ddp (one GPU or DDP), DeepSpeed zero1/2/3, fsdp2; _offload: "
+                                   "state in host RAM. Not given: ddp, then the others if nothing fits.", choices=ENGINES)
+    host_memory: str | None = opt(None, "Host RAM, e.g. 32GiB: plans that need more do not fit (not given: "
+                                        "not checked, only shown).")
     json: bool = opt(False, "Print the plan as JSON instead of a table.")
 
 
@@ -177,6 +186,7 @@ class Candidate:
     mfu: float
     mfu_source: str
     tokens_per_s: float | None  # all processes together
+    engine: str = "ddp"
 
 
 @dataclass
@@ -204,6 +214,9 @@ class PlanResult:
     chinchilla_tokens: int
     notes: list[str] = field(default_factory=list)
     cuda_reserve_bytes: int = CUDA_RESERVE_BYTES
+    engine: str = "ddp"
+    alternatives: list[Candidate] = field(default_factory=list)  # each other engine's best, when ddp fits nothing
+    host_memory_bytes: int | None = None
 
 
 def _rank(c: Candidate) -> tuple:
@@ -219,7 +232,8 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
              loss_chunk_size: int | None = None, micro_batch_size: int | None = None,
              tokens_per_step: int | str = DEFAULT_TOKENS_PER_STEP, max_tokens: int | str | None = None,
              n_processes: int = 1, margin: float = DEFAULT_MARGIN, attn_implementation: str = "sdpa",
-             dropout: float | None = None, bench_dirs: Iterable[str | os.PathLike] | None = None) -> PlanResult:
+             dropout: float | None = None, bench_dirs: Iterable[str | os.PathLike] | None = None,
+             engine: str | None = None, host_memory: int | None = None) -> PlanResult:
     """Memory by component for each candidate setting, the chosen one, accumulation and time.
 
     ``optimizer`` / ``grad_checkpointing`` / ``loss_chunk_size`` = None try adamw and adamw8bit /
@@ -228,9 +242,9 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
     same accumulation steps (max 50 of 512 sequences -> 11 steps -> micro 47). ``gpu``: a GPUS key or
     device name; ``memory_bytes`` / ``peak_flops`` override its memory / peak, or describe a GPU
     alone (``gpu=None``); ``max_memory`` caps the memory as train's does. Several processes: data
-    parallelism, scaling linearly."""
+    parallelism, scaling linearly. ``engine`` None: ddp, and if nothing fits (with AdamW), each other
+    engine's best in ``alternatives``, the first that fits chosen. ``host_memory``: host RAM to fit."""
     m = model_shape(model_cfg)
-    check_choice("mixed_precision", mixed_precision, PRECISIONS)
     tokens_per_step = parse_count(tokens_per_step)
     if not 0 <= margin < 1 or n_processes < 1 or tokens_per_step < 1:
         raise UserError(f"margin={margin} must be in [0, 1), n_processes={n_processes} and "
@@ -248,9 +262,7 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
     # fp32 has no tensor-core bf16 peak: only a given one counts
     peak = spec.bf16_dense_flops if mixed_precision != "no" or peak_flops is not None else None
 
-    T = int(block_size or m.n_positions)
-    if not 1 <= T <= m.n_positions:
-        raise UserError(f"block_size {T} must be between 1 and the model's n_positions ({m.n_positions})")
+    T = int(block_size or m.n_positions)  # (estimate_memory checks it, and the precision)
     n_params = count_params(m)
     n_flops = count_params_for_flops(m)
     fpt = flops_per_token(n_flops, m.n_layer, m.n_embd, T)
@@ -258,26 +270,40 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
     rows = bench_rows(bench_dirs)
     bench_model = preset_name(m) or m.name
 
-    candidates = []
-    for ckpt in [grad_checkpointing] if grad_checkpointing is not None else [False, True]:
-        for optim in [optimizer] if optimizer is not None else OPTIMIZERS[:2]:
-            for chunk in [loss_chunk_size] if loss_chunk_size is not None else [0, LOSS_CHUNK_SIZE]:
-                kw = dict(block_size=T, mixed_precision=mixed_precision, optimizer=optim, grad_checkpointing=ckpt,
-                          loss_chunk_size=chunk, n_processes=n_processes, attn_implementation=attn_implementation,
-                          dropout=dropout)
-                best = max_micro_batch(m, memory_bytes=spec.memory_bytes, margin=margin,
-                                       limit=max(seqs_per_step, micro_batch_size or 1), **kw)
-                # auto: the same accumulation steps as `best`, with fewer padding sequences
-                micro = micro_batch_size or (math.ceil(seqs_per_step / math.ceil(seqs_per_step / best)) if best else 1)
-                est = estimate_memory(m, micro_batch_size=micro, **kw)
-                mfu, src = lookup_mfu(rows, model=bench_model, grad_checkpointing=ckpt, optimizer=optim,
-                                      gpu_key=gpu_key, loss_chunk_size=chunk, block_size=T,
-                                      mixed_precision=mixed_precision)
-                tps = mfu * peak / fpt * n_processes if peak else None
-                candidates.append(Candidate(ckpt, optim, chunk, micro, est, est.fits(spec.memory_bytes, margin),
-                                            best, mfu, src, tps))
+    def grid(eng: str) -> list[Candidate]:
+        out = []
+        for ckpt in [grad_checkpointing] if grad_checkpointing is not None else [False, True]:
+            for optim in [optimizer] if optimizer is not None else OPTIMIZERS[:2] if eng == "ddp" else ["adamw"]:
+                for chunk in [loss_chunk_size] if loss_chunk_size is not None else [0, LOSS_CHUNK_SIZE]:
+                    kw = dict(block_size=T, mixed_precision=mixed_precision, optimizer=optim, grad_checkpointing=ckpt,
+                              loss_chunk_size=chunk, n_processes=n_processes, attn_implementation=attn_implementation,
+                              dropout=dropout, engine=eng)
+                    best = max_micro_batch(m, memory_bytes=spec.memory_bytes, margin=margin,
+                                           limit=max(seqs_per_step, micro_batch_size or 1), **kw)
+                    # auto: the same accumulation steps as `best`, with fewer padding sequences
+                    micro = micro_batch_size or (math.ceil(seqs_per_step / math.ceil(seqs_per_step / best))
+                                                 if best else 1)
+                    est = estimate_memory(m, micro_batch_size=micro, **kw)
+                    # bench rows are runs without an engine: an engine's MFU is the assumption
+                    mfu, src = lookup_mfu(rows if eng == "ddp" else [], model=bench_model, grad_checkpointing=ckpt,
+                                          optimizer=optim, gpu_key=gpu_key, loss_chunk_size=chunk, block_size=T,
+                                          mixed_precision=mixed_precision)
+                    fits = est.fits(spec.memory_bytes, margin) and est.host <= (host_memory or est.host)
+                    traffic = (2 + OFFLOAD_UP[eng] * (2 + ckpt)) * n_params if eng in OFFLOAD_UP else 0
+                    seconds = micro * T * fpt / (mfu * peak) + traffic / PCIE_BYTES_PER_S if peak else None
+                    out.append(Candidate(ckpt, optim, chunk, micro, est, fits, best, mfu, src,
+                                         micro * T * n_processes / seconds if peak else None, eng))
+        return out
 
+    candidates = grid(engine or "ddp")
     fitting = [c for c in candidates if c.fits]
+    alternatives = []
+    if engine is None and not fitting and optimizer in (None, "adamw"):
+        for eng in ENGINES[1:]:
+            cs = grid(eng)
+            alternatives.append(max((c for c in cs if c.fits), key=_rank, default=None)
+                                or min(cs, key=lambda c: (c.memory.total, c.memory.forward_backward)))
+        fitting = [c for c in alternatives if c.fits][:1]
     chosen = max(fitting, key=_rank) if fitting else None
     grad_accum = tokens = None
     if chosen:
@@ -301,53 +327,82 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
     if spec.memory_bytes < full:
         notes.append(f"planned for --max_memory {format_bytes(max_memory)}, below the GPU's memory")
     if n_processes > 1:
-        notes.append("multi-process: DDP gradient buckets (+4 bytes/param) counted; tokens/s assumes linear scaling")
+        notes.append(f"multi-process: {'DDP gradient buckets (+4 bytes/param) counted; ' if not engine else ''}"
+                     "tokens/s assumes linear scaling")
+    if chosen and chosen.engine.endswith("offload"):
+        notes.append(f"offload: tokens/s counts the PCIe traffic at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s (assumed), "
+                     "not AdamW's step on the CPU")
     return PlanResult(
         model=m, n_params=n_params, n_params_for_flops=n_flops, block_size=T, mixed_precision=mixed_precision,
         gpu_key=gpu_key, gpu=spec, margin=margin, usable_memory_bytes=usable_memory(spec.memory_bytes, margin),
         n_processes=n_processes, tokens_per_step_target=tokens_per_step, candidates=candidates, chosen=chosen,
         grad_accum=grad_accum, tokens_per_step=tokens, flops_per_token=fpt, budget_tokens=budget,
         budget_is_chinchilla=max_tokens is None, time_to_budget_s=budget / tps if tps else None,
-        training_flops=fpt * budget, chinchilla_tokens=chinchilla, notes=notes,
+        training_flops=fpt * budget, chinchilla_tokens=chinchilla, notes=notes, engine=engine or "ddp",
+        alternatives=alternatives, host_memory_bytes=host_memory,
     )
 
 
 # -- Output -----------------------------------------------------------------------------------
+# the accelerate_configs/ file (and launch flags that adapt it) of each engine
+LAUNCH = {"ddp": "multi_gpu.yaml", "zero1": "deepspeed_zero2.yaml --zero_stage 1", "zero2": "deepspeed_zero2.yaml",
+          "zero3": "deepspeed_zero3_offload.yaml --offload_optimizer_device none --offload_param_device none",
+          "zero2_offload": "deepspeed_zero2.yaml --offload_optimizer_device cpu",
+          "zero3_offload": "deepspeed_zero3_offload.yaml", "fsdp2": "fsdp2.yaml", "fsdp2_offload": "fsdp2_offload.yaml"}
+
+
+def _table(cands: list[Candidate], engine: bool) -> list[str]:
+    head = ("engine",) * engine + ("ckpt", "optimizer", "loss", "micro", "weights", "grads", "optim", "activ",
+                                   "logits", "work", "total", "host", "fits", "max micro")
+    table = [head]
+    for c in cands:
+        e = c.memory
+        sizes = (e.weights, e.gradients, e.optimizer, e.activations, e.logits, e.workspace, e.total, e.host)
+        table.append((c.engine,) * engine + (
+            "on" if c.grad_checkpointing else "off", c.optimizer, "chunked" if c.loss_chunk_size else "plain",
+            str(c.micro_batch_size), *(f"{n / GiB:.2f}" for n in sizes), "yes" if c.fits else "no",
+            str(c.max_micro_batch)))
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return ["  ".join(r[i].ljust(widths[i]) if i < 3 + engine else r[i].rjust(widths[i])
+                      for i in range(len(head))).rstrip() for r in table]
+
+
 def format_plan(p: PlanResult) -> str:
     m, g = p.model, p.gpu
     peak = f"{g.bf16_dense_flops / 1e12:.1f} TFLOP/s dense bf16" if g.bf16_dense_flops else "peak unknown"
     lines = [
         f"model: {m.name}  {p.n_params:,} params  (L={m.n_layer}, heads={m.n_head}, C={m.n_embd}, "
         f"V={m.vocab_size}, {m.activation})",
-        f"run:   block {p.block_size}, {dtype_name(p.mixed_precision)}, {p.n_processes} "
+        f"run:   block {p.block_size}, {dtype_name(p.mixed_precision)}, {p.engine}, {p.n_processes} "
         f"process{'es' if p.n_processes > 1 else ''}, target {p.tokens_per_step_target:,} tokens/step",
         f"GPU:   {p.gpu_key or 'custom'} = {g.name}: {format_bytes(g.memory_bytes)}, {peak}; plan for "
         f"{format_bytes(p.usable_memory_bytes)} ({format_bytes(CUDA_RESERVE_BYTES)} CUDA context reserved, "
-        f"{p.margin:.0%} margin)",
+        f"{p.margin:.0%} margin)" + (f"; host RAM {format_bytes(p.host_memory_bytes)}" if p.host_memory_bytes else ""),
         "",
     ]
-    head = ("ckpt", "optimizer", "loss", "micro", "weights", "grads", "optim", "activ", "logits", "work", "total",
-            "fits", "max micro")
-    table = [head]
-    for c in p.candidates:
-        e = c.memory
-        sizes = (e.weights, e.gradients, e.optimizer, e.activations, e.logits, e.workspace, e.total)
-        table.append(("on" if c.grad_checkpointing else "off", c.optimizer, "chunked" if c.loss_chunk_size else "plain",
-                       str(c.micro_batch_size), *(f"{n / GiB:.2f}" for n in sizes), "yes" if c.fits else "no",
-                       str(c.max_micro_batch)))
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    for r in table:
-        lines.append("  ".join(r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i])
-                               for i in range(len(head))).rstrip())
-    lines += ["(GiB, at the micro-batch shown; total = peak of forward/backward and optimizer step; "
-              "max micro = largest micro-batch that fits)", ""]
+    lines += _table(p.candidates, engine=False)
+    lines += ["(GiB, at the micro-batch shown; total = peak of forward/backward and optimizer step; host = host "
+              "RAM of the machine; max micro = largest micro-batch that fits)", ""]
+    if p.alternatives:
+        lines += ["nothing fits under ddp; the other engines (AdamW), each at its best setting:",
+                  *_table(p.alternatives, engine=True), ""]
     c = p.chosen
     if c is None:
         lines.append("nothing fits: try --grad_checkpointing true, --optimizer adamw8bit, --loss_chunk_size "
                      f"{LOSS_CHUNK_SIZE}, a smaller --block_size or a smaller model")
+        if p.alternatives:  # what the engine that needs the least GPU memory lacks
+            e = min(p.alternatives, key=lambda a: a.memory.total)
+            short = [(e.memory.total - p.usable_memory_bytes, "of GPU memory"),
+                     (e.memory.host - (p.host_memory_bytes or e.memory.host), "of host RAM")]
+            lines.append(f"closest: --engine {e.engine} at micro-batch {e.micro_batch_size} lacks "
+                         + " and ".join(f"{format_bytes(n)} {what}" for n, what in short if n > 0))
     else:
+        launch = LAUNCH[c.engine] if c.engine != "ddp" or p.n_processes > 1 else "single_gpu.yaml"
         lines += [f"chosen: --grad_checkpointing {str(c.grad_checkpointing).lower()} --optimizer {c.optimizer} "
-                  f"--loss_chunk_size {c.loss_chunk_size} --micro_batch_size {c.micro_batch_size}",
+                  f"--loss_chunk_size {c.loss_chunk_size} --micro_batch_size {c.micro_batch_size}"
+                  f"{'' if c.engine == 'ddp' else f' under {c.engine}'}",
+                  f"  launch:        accelerate launch --config_file accelerate_configs/{launch} --num_processes "
+                  f"{p.n_processes} scripts/train.py RECIPE ...",
                   f"  tokens/step:   {c.micro_batch_size} micro x {p.block_size} block x {p.n_processes} proc x "
                   f"{p.grad_accum} accum = {p.tokens_per_step:,}",
                   f"  throughput:    {c.tokens_per_s:,.0f} tokens/s at MFU {c.mfu:.2f} ({c.mfu_source})"
@@ -415,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer=t.optimizer, grad_checkpointing=t.grad_checkpointing, loss_chunk_size=t.loss_chunk_size,
         micro_batch_size=config.micro_batch(cfg), tokens_per_step=cfg.optim.tokens_per_step,
         max_tokens=cfg.run.max_tokens, n_processes=p.n_processes, margin=p.margin,
-        attn_implementation=m.attn_implementation, dropout=m.dropout)
+        attn_implementation=m.attn_implementation, dropout=m.dropout, engine=p.engine,
+        host_memory=parse_size(p.host_memory) if p.host_memory else None)
     if p.gpu is None and p.memory is None:
         result.notes.insert(0, "no --gpu given: planned for an rtx-4090")
     print(json.dumps(dataclasses.asdict(result), indent=2) if p.json else format_plan(result))
