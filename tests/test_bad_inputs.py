@@ -211,7 +211,7 @@ def world(char_data, tmp_path_factory) -> World:
         # numbers that are not numbers, paths of the wrong kind, trackers that are not installed
         T("learning_rate_nan", "learning_rate=nan in the command line is not a finite number", learning_rate="nan"),
         T("max_steps_inf", "max_steps='inf' in the command line is not a valid int", max_steps="inf"),
-        T("seed_negative", "seed=-1 must be >= 0", seed=-1),
+        T("seed_negative", "seed=-1 must not be negative", seed=-1),
         T("seed_too_large", f"seed={2**40} must be <= {2**32 - 1}", seed=2**40),
         T("out_dir_is_a_file", "is a file, not a directory", out=a_file, untouched=[a_file]),
         T("tracker_not_installed", f"report_to={missing_tracker} needs the {missing_tracker} package",

@@ -48,9 +48,11 @@ def test_unknown_recipe_key_suggests(tmp_path):
 def test_help_has_text_for_every_flag(capsys):
     """Every training field's own help text (not the "(default: ...)" the builder appends) is a real
     sentence, and the rendered --help shows every flag with it."""
-    from gpt2fit.config import FIELDS, build_parser
+    from gpt2fit import options
+    from gpt2fit.config import FIELDS, SECTIONS, CommandArgs
 
-    text = " ".join(build_parser().format_help().split())
+    parser = options.make_parser("gpt2fit train", [CommandArgs, *SECTIONS], description="")
+    text = " ".join(parser.format_help().split())
     for name, (_, fl, _) in FIELDS.items():
         own = fl.metadata.get("help", "")
         assert len(own) > 10 and own.rstrip().endswith((".", ")")), (name, own)

@@ -114,7 +114,7 @@ def test_prepare_refuses_to_overwrite(tmp_path):
 def test_window_batches_cover_each_window_once_per_epoch_and_are_deterministic():
     data = np.arange(1000, dtype=np.uint16)
     b = WindowBatches(data, block_size=10, micro_batch=4, seed=3)
-    n = b.samples_per_epoch
+    n = b.windows
     starts = np.concatenate([b.starts(k) for k in range(n // 4)])
     phase = starts[0] % 10
     assert len(set(starts.tolist())) == len(starts) and set((starts - phase) % 10) == {0}

@@ -439,7 +439,7 @@ def test_changed_arguments_start_over(tmp_path, bpe_dir, docs, monkeypatch):
 
 def test_disk_full_marks_no_incomplete_chunk_and_resumes(tmp_path, bpe_dir, docs, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", docs)
-    real, calls = shards._fsync_write, []
+    real, calls = shards.formats.write_atomic, []
 
     def full_on_second_chunk(path, data):
         calls.append(path.name)
@@ -447,14 +447,14 @@ def test_disk_full_marks_no_incomplete_chunk_and_resumes(tmp_path, bpe_dir, docs
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(shards, "_fsync_write", full_on_second_chunk)
+    monkeypatch.setattr(shards.formats, "write_atomic", full_on_second_chunk)
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"cannot write .*d000001.*: No space left on device \(disk full\?\)"):
         prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
     shard_dir = out / shards.SHARDS
     assert (shard_dir / "d000000.done").exists() and not (shard_dir / "d000001.done").exists()
     assert not (shard_dir / "d000001.train.bin").exists() and not (out / "meta.json").exists()
-    monkeypatch.setattr(shards, "_fsync_write", real)
+    monkeypatch.setattr(shards.formats, "write_atomic", real)
     meta = prepare([str(src)], str(out), tokenizer=str(bpe_dir), chunk_chars=20_000, quiet=True, workers=1)
     assert meta["encoder"]["chunks_resumed"] == 1
 

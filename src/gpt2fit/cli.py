@@ -5,8 +5,6 @@ Each subcommand is the ``main(argv)`` of one module, the same function its scrip
 behave identically.
 """
 
-from __future__ import annotations
-
 import importlib
 import os
 import sys
@@ -30,12 +28,9 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: gpt2fit <command> [args...]", "", "commands:"]
-    for name, (_, summary) in COMMANDS.items():
-        lines.append(f"  {name:<9} {summary}")
-    lines.append("")
-    lines.append("`gpt2fit <command> --help` shows each command's flags.")
-    return "\n".join(lines)
+    commands = [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(["usage: gpt2fit <command> [args...]", "", "commands:", *commands, "",
+                      "`gpt2fit <command> --help` shows each command's flags."])
 
 
 def run_main(main, argv) -> int:
@@ -65,9 +60,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}.{suggest(name, COMMANDS)}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    command_main = getattr(module, "cli_main", None) or module.main
-    return run_main(command_main, rest)
+    return run_main(importlib.import_module(COMMANDS[name][0]).main, rest)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,6 @@ path to a YAML file holding a flat mapping with the same keys as the flags. Ever
 text below is what ``--help`` prints.
 """
 
-from __future__ import annotations
-
-import argparse
 import dataclasses
 import math
 import sys
@@ -19,7 +16,7 @@ from typing import Any
 import yaml
 
 from gpt2fit import options, units
-from gpt2fit.errors import ArgumentParser, UserError, suggest
+from gpt2fit.errors import UserError, suggest
 from gpt2fit.options import fields_of, opt
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -37,9 +34,8 @@ f = opt  # short: every field below is f(default, help, **checks)
 
 @dataclass
 class ModelArgs:
-    preset: str | None = f(None, "GPT-2 size to build from scratch: gpt2 (124M), gpt2-medium (350M), "
-                                 "gpt2-large (774M), gpt2-xl (1.5B). Ignored with init_from.",
-                           choices=tuple(PRESETS))
+    preset: str | None = f(None, "GPT-2 size to build from scratch: gpt2 (124M), gpt2-medium (350M), gpt2-large "
+                                 "(774M), gpt2-xl (1.5B). Ignored with init_from.", choices=tuple(PRESETS))
     init_from: str | None = f(None, "Finetune instead: a Hub id (gpt2-medium) or a local model dir "
                                     "(or a gpt2fit run dir) to load weights from.")
     n_layer: int | None = f(None, "Transformer blocks, for a custom small model (overrides the preset).", minimum=1)
@@ -50,16 +46,15 @@ class ModelArgs:
                             "for small data).", minimum=0)
     pad_vocab_to: int = f(1, "Pad the embedding rows to a multiple of this (64 speeds up GPU matmuls); "
                              "extra rows are never predicted by the data.", minimum=1)
-    attn_implementation: str = f("sdpa", "Attention kernel: sdpa (PyTorch flash/efficient), "
-                                         "flash_attention_2 (needs flash-attn), eager.",
-                                 choices=("sdpa", "flash_attention_2", "eager"))
+    attn_implementation: str = f("sdpa", "Attention kernel: sdpa (PyTorch flash/efficient), flash_attention_2 "
+                                         "(needs flash-attn), eager.", choices=("sdpa", "flash_attention_2", "eager"))
     activation_function: str = f("gelu_pytorch_tanh", "MLP activation for a model built from scratch: "
-                                 "gelu_pytorch_tanh (GPT-2's tanh GELU, one fused op) or gelu (exact erf "
-                                 "GELU, as nanoGPT's nn.GELU). Finetuning keeps the loaded model's.",
+                                 "gelu_pytorch_tanh (GPT-2's tanh GELU, one fused op) or gelu (exact erf GELU, as "
+                                 "nanoGPT's nn.GELU). Finetuning keeps the loaded model's.",
                                  choices=("gelu_pytorch_tanh", "gelu"))
     bias: bool = f(True, "false: every bias (linear and LayerNorm) of a model built from scratch is fixed at "
-                         "zero and not trained, as nanoGPT's bias=False; the saved model is a standard "
-                         "GPT-2 whose biases are zero.")
+                         "zero and not trained, as nanoGPT's bias=False; the saved model is a standard GPT-2 "
+                         "whose biases are zero.")
     grad_checkpointing: bool = f(False, "Recompute activations in backward: ~1/3 more compute, far less memory.")
     compile: bool = f(False, "torch.compile the model (faster on GPU after a minute of compiling).")
     compile_scope: str = f("model", "With compile: model = the whole model and its loss as one graph; blocks = "
@@ -81,9 +76,8 @@ class DataArgs:
                                        "(files, a dir, a glob, or 'stdlib'), with the options below.")
     tokenizer: str = f("gpt2", "For prepare_from: a Hub id or tokenizer dir, 'bpe' (train one) or 'char'.")
     vocab_size: int = f(8192, "For prepare_from with tokenizer 'bpe': the vocabulary size to train.")
-    val_split: str = f("documents", "For prepare_from: documents (a seeded fraction of documents) or chars "
-                                    "(the last val_fraction of the text, as nanoGPT).",
-                       choices=("documents", "chars"))
+    val_split: str = f("documents", "For prepare_from: documents (a seeded fraction of documents) or chars (the "
+                                    "last val_fraction of the text, as nanoGPT).", choices=("documents", "chars"))
     val_fraction: float = f(0.05, "For prepare_from: fraction of the data held out for validation.")
     sampling: str = f("shuffle", "How training windows are drawn: shuffle = every block of the data once "
                                  "per epoch, seeded order and offset; random = independent random offsets "
@@ -95,9 +89,8 @@ class DataArgs:
 
 @dataclass
 class OptimArgs:
-    optimizer: str = f("adamw", "adamw (torch, fused on CUDA), adamw8bit or paged_adamw8bit (bitsandbytes; "
-                                "~75% less optimizer memory).",
-                       choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+    optimizer: str = f("adamw", "adamw (torch, fused on CUDA), adamw8bit or paged_adamw8bit (bitsandbytes; ~75% "
+                                "less optimizer memory).", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     learning_rate: float = f(6.0e-4, "Peak learning rate.", minimum=0)
     min_lr: float = f(6.0e-5, "Learning rate at the end of the decay.", minimum=0)
     lr_schedule: str = f("cosine", "cosine = warmup then cosine to min_lr; wsd = warmup-stable-decay; "
@@ -105,7 +98,8 @@ class OptimArgs:
     warmup_steps: int = f(100, "Optimizer steps of linear warmup.", minimum=0)
     lr_decay_steps: int | None = f(None, "Steps over which the LR decays to min_lr (default: the run length).",
                                    minimum=1)
-    wsd_decay_fraction: float = f(0.2, "wsd only: fraction of the run spent in the final decay.")
+    wsd_decay_fraction: float = f(0.2, "wsd only: fraction of the run spent in the final decay.", minimum=0,
+                                  exclusive=True, maximum=1)
     weight_decay: float = f(0.1, "AdamW weight decay, applied to 2-D weight matrices only (not biases, "
                                  "LayerNorms).", minimum=0)
     beta1: float = f(0.9, "AdamW beta1.")
@@ -125,7 +119,8 @@ class RunArgs:
     out_dir: str = f("runs/default", "Run dir: config.yaml, metrics.jsonl, checkpoints/, final/.")
     max_steps: int | None = f(None, "Stop after this many optimizer steps.", minimum=1)
     max_tokens: str | None = f(None, "Stop after this many training tokens (10B, 300M, 2.5e9 accepted).")
-    epochs: float | None = f(None, "Stop after this many passes over train.bin (for small finetuning data).")
+    epochs: float | None = f(None, "Stop after this many passes over train.bin (for small finetuning data).",
+                             minimum=0, exclusive=True)
     eval_interval: int = f(250, "Run validation every N optimizer steps (and at the end).", minimum=1)
     eval_batches: int = f(20, "Validation micro-batches per evaluation (the same fixed windows every time); "
                               "0 = the whole val split.", minimum=0)
@@ -150,11 +145,10 @@ class RunArgs:
                                "tensorboard when it is installed (logs under out_dir).")
     max_nonfinite_steps: int = f(5, "Stop the run after this many non-finite (NaN/inf) steps in a row; each one "
                                     "is skipped, not applied.", minimum=1)
-    host_sync: str = f("step", "When the host learns whether a step was finite: step = after every optimizer "
-                               "step (one GPU sync a step; any optimizer); log = only at log/eval/checkpoint "
-                               "steps, with non-finite updates skipped on the GPU by fused AdamW (optimizer "
-                               "adamw, not fp16); the K-in-a-row stop then acts at the next check.",
-                       choices=("step", "log"))
+    host_sync: str = f("step", "When the host learns whether a step was finite: step = after every optimizer step "
+                               "(one GPU sync a step; any optimizer); log = only at log/eval/checkpoint steps, with "
+                               "non-finite updates skipped on the GPU by fused AdamW (optimizer adamw, not fp16); the "
+                               "K-in-a-row stop then acts at the next check.", choices=("step", "log"))
     spike_factor: float = f(2.0, "Log a loss spike when the loss exceeds this multiple of its running mean.",
                             minimum=0, exclusive=True)
     max_memory: str | None = f(None, "Cap the CUDA memory this process may use (e.g. 12GiB) to behave like a "
@@ -195,11 +189,6 @@ FIELDS = fields_of(SECTIONS)
 NON_FLAG_KEYS = {"description", "recipe"}  # allowed in recipe files (a run's config.yaml has recipe:)
 
 
-def coerce(key: str, value: Any, source: str) -> Any:
-    """Convert a training option's ``value`` (YAML or command line) to its type, or raise UserError."""
-    return options.coerce(key, value, source, FIELDS)
-
-
 # -- recipes ----------------------------------------------------------------------------------
 def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
@@ -228,7 +217,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
             continue
         if key not in FIELDS:
             raise UserError(f"unknown key {key!r} in recipe {str(path)!r}.{suggest(key, FIELDS)}")
-        out[key] = coerce(key, value, f"recipe {path.name}")
+        out[key] = options.coerce(key, value, f"recipe {path.name}", FIELDS)
     return out
 
 
@@ -245,58 +234,37 @@ EPILOG = ("Example: accelerate launch --config_file accelerate_configs/single_gp
           "scripts/train.py gpt2-124m-openwebtext-12gb --data_dir data/owt --max_tokens 10B")
 
 
-def build_parser(prog: str = "gpt2fit train") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("recipe", nargs="?", default=None,
-                   help="Built-in recipe name (see `gpt2fit recipes`), a recipe .yaml, or a run's config.yaml.")
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="The recipe as a flag: a built-in name or a .yaml path (instead of the positional).")
-    p.add_argument("--print_config", action="store_true",
-                   help="Print the resolved config as YAML and exit without training.")
-    options.add_options(p, SECTIONS)
-    return p
+@dataclass
+class CommandArgs:
+    """recipe (settings: defaults, then the recipe, then flags)"""
+
+    recipe: str | None = f(None, "Built-in recipe name (see `gpt2fit recipes`), a recipe .yaml, or a run's "
+                                 "config.yaml.", positional=True, nargs="?")
+    config: str | None = f(None, "The recipe as a flag: a built-in name or a .yaml path (instead of the positional).",
+                           metavar="FILE.yaml")
+    print_config: bool = f(False, "Print the resolved config as YAML and exit without training.")
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "gpt2fit train") -> tuple[TrainConfig, bool]:
     """argv -> (resolved TrainConfig, print_only). Raises UserError on any bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
-    ns, unknown = parser.parse_known_args(argv)
-    # a misspelt flag's value would otherwise be read as the recipe: name the flag first
-    options.refuse_unknown([u for u in unknown if u.startswith("-")], FIELDS, prog)
-    if ns.recipe is not None and ns.config is not None and ns.recipe != ns.config:
-        raise UserError(f"two recipes given ({ns.recipe!r} and --config {ns.config!r}); give one.")
-    recipe = ns.config or ns.recipe
-    base = load_recipe(recipe) if recipe is not None else {}
-    # the same parser again: recipe, --config and --print_config are its own arguments, not unknown ones
-    sections, _ = options.parse(argv, SECTIONS, prog=prog, description=DESCRIPTION, base=base, parser=parser)
-    cfg = TrainConfig(*sections, recipe=recipe)
+    # a misspelt flag's value would be read as the recipe: parse refuses unknown flags first
+    (c, *sections), given = options.parse(argv, [CommandArgs, *SECTIONS], prog=prog, description=DESCRIPTION,
+                                          epilog=EPILOG)
+    if c.recipe is not None and c.config is not None and c.recipe != c.config:
+        raise UserError(f"two recipes given ({c.recipe!r} and --config {c.config!r}); give one.")
+    recipe = c.config or c.recipe
+    flags = {k: v for s in sections for k, v in vars(s).items() if k in given}
+    cfg = TrainConfig(*options.build(SECTIONS, {**(load_recipe(recipe) if recipe else {}), **flags}), recipe=recipe)
     validate(cfg)
-    return cfg, ns.print_config
-
-
-def config_from_dict(flat: dict[str, Any], source: str = "config") -> TrainConfig:
-    cfg = TrainConfig(recipe=flat.get("recipe"))
-    for key, value in flat.items():
-        if key == "recipe":
-            continue
-        if key not in FIELDS:
-            raise UserError(f"unknown key {key!r} in {source}.{suggest(key, FIELDS)}")
-        setattr(getattr(cfg, _section_attr(FIELDS[key][0])), key, coerce(key, value, source))
-    validate(cfg)
-    return cfg
-
-
-def _section_attr(sec: type) -> str:
-    return {ModelArgs: "model", DataArgs: "data", OptimArgs: "optim", RunArgs: "run"}[sec]
+    return cfg, c.print_config
 
 
 def validate(cfg: TrainConfig) -> None:
     m, o, r = cfg.model, cfg.optim, cfg.run
-    for name, (sec, fl, _) in FIELDS.items():  # the ranges on the fields, for configs built in code too
-        value = getattr(getattr(cfg, _section_attr(sec)), name)
-        if value is not None:
-            options.check(name, value, fl, "the config")
+    for name, value in cfg.to_flat().items():  # the ranges on the fields, for configs built in code too
+        if name in FIELDS and value is not None:
+            options.check(name, value, FIELDS[name][1], "the config")
     if o.learning_rate == 0:
         raise UserError("learning_rate=0 would never update the model; use e.g. 6.0e-4.")
     if o.min_lr > o.learning_rate:
@@ -305,10 +273,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"dropout={m.dropout} must be in [0, 1).")
     if not (0 < o.beta1 < 1 and 0 < o.beta2 < 1):
         raise UserError(f"beta1={o.beta1}, beta2={o.beta2} must each be in (0, 1).")
-    if not 0 < o.wsd_decay_fraction <= 1:
-        raise UserError(f"wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1].")
-    if r.epochs is not None and r.epochs <= 0:
-        raise UserError(f"epochs={r.epochs} must be positive.")
     micro_batch(cfg)  # validates the string
     if o.tokens_per_step is not None:
         parse_count(o.tokens_per_step, "tokens_per_step")
@@ -327,9 +291,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--resume and --overwrite contradict each other; pick one.")
     if r.push_to_hub and not r.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id (e.g. you/gpt2-medium-mydocs).")
-    if m.n_layer is not None or m.n_head is not None or m.n_embd is not None:
-        if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
-            raise UserError(f"n_embd={m.n_embd} must be divisible by n_head={m.n_head}.")
+    if m.n_embd is not None and m.n_head is not None and m.n_embd % m.n_head:
+        raise UserError(f"n_embd={m.n_embd} must be divisible by n_head={m.n_head}.")
     for tracker in r.report_to.split(","):
         if tracker.strip() not in ("auto", "none", "all", "tensorboard", "wandb", "trackio", ""):
             raise UserError(f"report_to={tracker!r} is not one of auto, tensorboard, wandb, trackio, all, none.")
@@ -369,10 +332,15 @@ def grad_accum_for(cfg: TrainConfig, micro: int, world: int) -> int:
 
 
 # -- `gpt2fit recipes` ------------------------------------------------------------------------
+@dataclass
+class RecipesArgs:
+    """recipes"""
+
+    name: str | None = f(None, "Show this recipe's YAML instead of the list.", positional=True, nargs="?")
+
+
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="gpt2fit recipes", description="List the built-in recipes.")
-    p.add_argument("name", nargs="?", help="Show this recipe's YAML instead of the list.")
-    a = p.parse_args(argv)
+    (a,), _ = options.parse(argv, [RecipesArgs], prog="gpt2fit recipes", description="List the built-in recipes.")
     recipes = builtin_recipes()
     if a.name:
         if a.name not in recipes:

@@ -5,8 +5,6 @@ prints it as ``error: <message>`` on stderr and exits with status 2; nothing els
 the first line a user sees is the one that matters.
 """
 
-from __future__ import annotations
-
 import argparse
 import difflib
 from typing import Iterable
@@ -21,9 +19,13 @@ class UserError(Exception):
 def suggest(value: str, choices: Iterable[str]) -> str:
     """' Did you mean X?' for the closest matches of ``value`` in ``choices``, or ''."""
     close = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?" if close else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -26,8 +26,6 @@ Run dir ``<out_dir>/`` (written by ``gpt2fit train``; read by eval, plot, push):
 Imports nothing from gpt2fit but ``errors``.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -54,14 +52,14 @@ META_FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_atomic(path: str | os.PathLike, data: str | bytes | memoryview) -> None:
     """Write ``path`` so a reader (or a kill) sees the old file or the new one, never half of one:
     write a temporary file, fsync it, rename it over the old one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "w" if isinstance(data, str) else "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -71,7 +69,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries (a rename in it), to disk. (Windows cannot open
+    a directory and needs no such step.)"""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- data dir ---------------------------------------------------------------------------------
@@ -141,35 +151,23 @@ def check_token_ids(path: str | os.PathLike, data: np.ndarray, vocab_size: int, 
 # -- run dir ----------------------------------------------------------------------------------
 def resolve_model_path(path_or_id: str) -> str:
     """A run dir resolves to its ``final/``; a model dir or a Hub id is returned as is."""
-    p = Path(path_or_id)
-    if (p / FINAL / "config.json").is_file():
-        return str(p / FINAL)
-    return os.fspath(path_or_id)
+    final = Path(path_or_id) / FINAL
+    return str(final) if (final / "config.json").is_file() else os.fspath(path_or_id)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / CONFIG).is_file() or (p / METRICS).is_file()
-
-
-def checkpoint_root(run_dir) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return (Path(path) / CONFIG).is_file() or (Path(path) / METRICS).is_file()
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:
-    return checkpoint_root(run_dir) / f"step_{step:08d}"
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
 def complete_checkpoints(run_dir) -> list[Path]:
     """Complete checkpoints (a ``step_<N>`` dir holding its manifest), oldest first: the one rule."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and (p / CKPT_MANIFEST).is_file():
-            found.append((int(m.group(1)), p))
+    root = Path(run_dir) / CHECKPOINTS
+    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+             if (m := _STEP_RE.match(p.name)) and (p / CKPT_MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -183,20 +181,14 @@ def read_summary(run_dir) -> dict:
 
 
 def read_metrics(run_dir) -> dict[str, list[dict]]:
-    """Rows of ``<run_dir>/metrics.jsonl`` split by kind: ``{"train": [...], "eval": [...],
-    "hellaswag": [...], <other kinds>: [...]}`` (a row without kind counts as train).
-
-    Lines that are not valid JSON are skipped: a truncated last line is what a killed run
-    leaves (silently skipped); a bad line elsewhere is skipped with a warning. When a resumed
-    run logs a step at or before one already read, the older rows from that step on are
-    dropped, so the curve shows what the resumed run did.
-    """
+    """Rows of ``<run_dir>/metrics.jsonl`` by kind: ``{"train": [...], "eval": [...], "hellaswag": [...],
+    <other kinds>: [...]}`` (no kind: train). Invalid JSON is skipped: silently on the last line (what a
+    killed run leaves), with a warning elsewhere. When a resumed run logs a step at or before one
+    already read, the older rows from that step on are dropped: the curve shows what the resumed run did."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise UserError(
-            f"{path} not found: {run_dir} is not a run dir (or its training has not logged yet); "
-            "pass the --out_dir of a `gpt2fit train` run"
-        )
+        raise UserError(f"{path} not found: {run_dir} is not a run dir (or its training has not logged yet); "
+                        "pass the --out_dir of a `gpt2fit train` run")
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out: dict[str, list[dict]] = {k: [] for k in ("train", "eval", "hellaswag")}
     bad = []

@@ -4,8 +4,6 @@ Pure data and arithmetic, no torch: the planner uses it before anything runs, th
 and the bench to report MFU. Imports nothing from gpt2fit but ``errors`` and ``units``.
 """
 
-from __future__ import annotations
-
 import re
 from dataclasses import dataclass
 
@@ -91,10 +89,8 @@ def resolve_gpu(name: str) -> tuple[str, GPU]:
     found = gpu_key_for_device(text)
     if found:
         return found, GPUS[found]
-    raise UserError(
-        f"unknown GPU {name!r}.{suggest(key, GPUS)} Known: {', '.join(GPUS)}; "
-        "or describe yours with --memory 12GiB --peak_tflops 58.3"
-    )
+    raise UserError(f"unknown GPU {name!r}.{suggest(key, GPUS)} Known: {', '.join(GPUS)}; "
+                    "or describe yours with --memory 12GiB --peak_tflops 58.3")
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
@@ -108,14 +104,10 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilization: achieved model FLOP/s over the device's dense bf16 peak."""
-    if not peak:
-        return None
-    return tokens_per_s_per_device * flops_per_token / peak
+    return tokens_per_s_per_device * flops_per_token / peak if peak else None
 
 
 def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool, env: str | None = None) -> str:
     """mixed_precision 'auto' -> bf16 on a GPU that has it, else no; an explicit value stays.
     ``env`` is ACCELERATE_MIXED_PRECISION (what `accelerate config` / launch set), which auto follows."""
-    if requested != "auto":
-        return requested
-    return env or ("bf16" if cuda and bf16_supported else "no")
+    return requested if requested != "auto" else env or ("bf16" if cuda and bf16_supported else "no")

@@ -18,8 +18,6 @@ Field metadata understood by ``opt``: ``choices``; ``positional`` (with ``nargs`
 checks, finiteness always); ``metavar``. A ``list[...]`` field takes one or more values.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import math
@@ -30,6 +28,7 @@ from typing import Any, Iterable, Sequence
 from gpt2fit.errors import ArgumentParser, UserError, suggest
 
 _NONE = ("none", "null")
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def opt(default, help, **meta):  # noqa: A002 - the field's --help text
@@ -65,13 +64,7 @@ def _parts(hint) -> tuple[type, bool, bool]:
 def _one(key: str, value: Any, typ: type, source: str, example: Any) -> Any:
     try:
         if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
         if typ in (int, float) and isinstance(value, bool):
             raise ValueError
         if typ is int:
@@ -84,7 +77,7 @@ def _one(key: str, value: Any, typ: type, source: str, example: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, KeyError):
         raise UserError(f"{key}={value!r} in {source} is not a valid {typ.__name__}; "
                         f"e.g. --{key} {example!r}.") from None
 
@@ -124,12 +117,13 @@ def check(key: str, out: Any, fl: dataclasses.Field, source: str) -> Any:
     return out
 
 
-def add_options(parser: argparse.ArgumentParser, sections: Iterable[type], *, groups: bool = True) -> None:
-    """Add one argument per field of ``sections`` (unset flags stay absent: argparse.SUPPRESS)."""
+def make_parser(prog: str, sections: Sequence[type], *, description: str, epilog: str | None = None) -> ArgumentParser:
+    """One argument per field, grouped by section (unset flags stay absent: argparse.SUPPRESS)."""
+    p = ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = fields_of(sections)
     for sec in sections:
-        title = (sec.__doc__ or sec.__name__).strip().splitlines()[0] if groups else None
-        g = parser.add_argument_group(title) if groups else parser
+        g = p.add_argument_group((sec.__doc__ or sec.__name__).strip().splitlines()[0])
         for fl in dataclasses.fields(sec):
             meta = fl.metadata
             typ, _, is_list = _parts(fields[fl.name][2])
@@ -138,15 +132,14 @@ def add_options(parser: argparse.ArgumentParser, sections: Iterable[type], *, gr
             # argparse %-formats help strings: a literal % (as in "~75% less") must be doubled
             text = meta["help"] if meta.get("positional") or shown in (None, [], "") else \
                 f"{meta['help']} (default: {shown})"
-            kw: dict[str, Any] = dict(help=text.replace("%", "%%"))
+            kw: dict[str, Any] = dict(help=text.replace("%", "%%"), metavar=meta.get("metavar", fl.name.upper()))
             if meta.get("positional"):
                 kw["nargs"] = meta.get("nargs", "+" if is_list else None)
-                kw["metavar"] = meta.get("metavar", fl.name.upper())
                 if kw["nargs"] in ("?", "*"):
                     kw["default"] = shown
                 g.add_argument(fl.name, **kw)
                 continue
-            kw.update(default=argparse.SUPPRESS, metavar=meta.get("metavar", fl.name.upper()))
+            kw["default"] = argparse.SUPPRESS
             if typ is bool and not is_list:
                 kw.update(nargs="?", const="true", metavar="BOOL")
             elif is_list:
@@ -154,44 +147,27 @@ def add_options(parser: argparse.ArgumentParser, sections: Iterable[type], *, gr
             if meta.get("choices"):
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
             g.add_argument(f"--{fl.name}", *meta.get("aliases", ()), dest=fl.name, **kw)
-
-
-def make_parser(prog: str, sections: Sequence[type], *, description: str, epilog: str | None = None,
-                groups: bool = True) -> ArgumentParser:
-    p = ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, sections, groups=groups)
     return p
 
 
 def parse(argv: Sequence[str] | None, sections: Sequence[type], *, prog: str, description: str,
-          epilog: str | None = None, base: dict[str, Any] | None = None, renamed: dict[str, str] | None = None,
+          epilog: str | None = None, renamed: dict[str, str] | None = None,
           parser: ArgumentParser | None = None) -> tuple[list[Any], set[str]]:
-    """argv -> (one instance per section, the names given explicitly). ``base`` holds values from a
-    recipe (already coerced), below the command line. ``renamed`` maps an earlier flag spelling to
-    its replacement, so an old command line fails with a message naming the new flag."""
+    """argv -> (one instance per section, the names given explicitly). ``renamed`` maps an earlier
+    flag spelling to its replacement, so an old command line fails with a message naming the new flag."""
     fields = fields_of(sections)
     parser = parser or make_parser(prog, sections, description=description, epilog=epilog)
     ns, unknown = parser.parse_known_args(list(argv or []))
-    refuse_unknown(unknown, fields, prog, renamed)
-    values = dict(base or {})
-    explicit = set()
-    for key in fields:
-        if hasattr(ns, key):
-            values[key] = coerce(key, getattr(ns, key), "the command line", fields)
-            explicit.add(key)
-    return build(sections, values, fields), explicit
-
-
-def refuse_unknown(unknown: list[str], fields: dict, prog: str, renamed: dict[str, str] | None = None) -> None:
-    """An unknown flag (the first one) as a UserError with the closest known name."""
-    for tok in sorted(unknown, key=lambda t: not t.startswith("-")):  # flags before stray values
+    for tok in sorted(unknown, key=lambda t: not t.startswith("-")):  # the first unknown flag, else stray value
         if tok.startswith("-"):
             flag = tok.split("=", 1)[0]
             if renamed and flag in renamed:
                 raise UserError(f"{flag} is now {renamed[flag]}. See `{prog} --help`.")
             raise UserError(f"unknown flag {flag}.{suggest(flag.lstrip('-'), fields)} See `{prog} --help`.")
         raise UserError(f"unexpected argument {tok!r}. See `{prog} --help`.")
+    given = [key for key in fields if hasattr(ns, key)]  # in field order: the first bad value is reported
+    values = {key: coerce(key, getattr(ns, key), "the command line", fields) for key in given}
+    return build(sections, values, fields), set(given)
 
 
 def build(sections: Sequence[type], values: dict[str, Any], fields: dict | None = None) -> list[Any]:

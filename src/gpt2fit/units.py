@@ -5,8 +5,6 @@
 Imports nothing from gpt2fit but ``errors``.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -16,11 +14,8 @@ from gpt2fit.errors import UserError
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": 1024**4, "tib": 1024**4,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-}
+_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": 1024**4,
+               "tib": 1024**4, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE_FORMS = "bytes (12884901888), KiB/MiB/GiB/TiB or K/M/G/T (binary: 800MiB, 11.5G), KB/MB/GB/TB (decimal: 12GB)"
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _COUNT_FORMS = "an integer (491520, 1_000_000), scientific (1e9) or k/M/B/T suffixes (300k, 2.5M, 10B)"
@@ -92,9 +87,7 @@ def format_duration(seconds: float | None) -> str:
 
 def format_bytes(n: float | None, unit: str = "GiB") -> str:
     """Bytes in binary units, two decimals: format_bytes(3 * GiB) -> '3.00 GiB'; '' for None."""
-    if n is None:
-        return ""
-    return f"{n / {'KiB': KiB, 'MiB': MiB, 'GiB': GiB}[unit]:.2f} {unit}"
+    return "" if n is None else f"{n / {'KiB': KiB, 'MiB': MiB, 'GiB': GiB}[unit]:.2f} {unit}"
 
 
 def finite(value: float, key: str) -> float:

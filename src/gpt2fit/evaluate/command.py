@@ -9,13 +9,10 @@ what a reader needs to compare a number: the metrics under lm-eval's names (a fi
 Results merge into ``<run>/eval_results.json``, lm-eval's task by task.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +44,11 @@ class EvalOptions:
     data_dir: str | None = opt(None, "Prepared data dir (train.bin/val.bin + meta.json) for perplexity; for a run "
                                      "dir given none of --data_dir, --hellaswag, --tasks: the data_dir it trained on.")
     split: str = opt("val", "Token file to score: <data_dir>/<split>.bin.")
-    block_size: int | None = opt(None, "Tokens of context per window (default: the model's n_positions).",
-                                 minimum=1)
+    block_size: int | None = opt(None, "Tokens of context per window (default: the model's n_positions).", minimum=1)
     batch_size: int = opt(8, "Windows per forward for perplexity, examples (x4 endings) per forward for "
                              "HellaSwag, requests per forward for lm-eval.", minimum=1)
-    max_windows: int | None = opt(None, "Score only this many evenly spaced windows (default: all, every "
-                                        "token once).", minimum=1)
+    max_windows: int | None = opt(None, "Score only this many evenly spaced windows (default: all, every token "
+                                        "once).", minimum=1)
     hellaswag: str | None = opt(None, "HellaSwag validation set: hellaswag_val.jsonl (original schema) or a Hub "
                                       "id (Rowan/hellaswag).", metavar="PATH_OR_ID")
     hellaswag_text: str = opt("lm_eval", "HellaSwag text: lm_eval = lm-eval's preprocessing (its numbers, item by "
@@ -66,8 +62,8 @@ class EvalOptions:
                                   "look, not a comparable number).", minimum=1, aliases=("--hellaswag_limit",))
     output: str | None = opt(None, f"Write results to this JSON file, merged into what it holds (default: "
                                    f"<run_dir>/{EVAL_RESULTS} when MODEL is a run dir, else print only).")
-    device: str | None = opt(None, "cpu, cuda, cuda:1, mps (default: cuda > mps > cpu; ignored under "
-                                   "accelerate launch).")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, mps (default: cuda > mps > cpu; ignored under accelerate "
+                                   "launch).")
     dtype: str = opt("float32", "Weights dtype for evaluation (auto = the checkpoint's own dtype).", choices=DTYPES)
 
 
@@ -194,8 +190,3 @@ def main(argv=None) -> int:
         accelerator.end_training()  # destroys the process group cleanly
     return 0
 
-
-if __name__ == "__main__":
-    from gpt2fit.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

@@ -20,8 +20,6 @@ With the lm_eval text, acc and acc_norm equal lm-eval's item by item (tests/test
 both on the same items and model).
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.evaluate.model import eval_mode, n_positions, shards, sum_over_processes
 
 TEXTS = ("lm_eval", "raw")
@@ -62,13 +60,9 @@ def _example(row, where: str, text: str) -> dict:
 
 
 def load_hellaswag(source, text: str = "lm_eval") -> list[dict]:
-    """HellaSwag validation examples as ``[{"ctx", "endings", "label", "where"}]``, the text
-    prepared as ``text`` says (see the module docstring).
-
-    ``source``: a local ``.jsonl`` file in the original rowanz/hellaswag schema
-    (``hellaswag_val.jsonl``), or a Hub dataset id such as ``Rowan/hellaswag`` (label is a string
-    there) or a local dataset dir, loaded with ``datasets.load_dataset(source, split="validation")``.
-    """
+    """HellaSwag validation examples ``[{"ctx", "endings", "label", "where"}]``, ``text`` as the module
+    docstring says, from ``hellaswag_val.jsonl`` (the rowanz/hellaswag schema), a Hub dataset id such
+    as ``Rowan/hellaswag`` or a local dataset dir (``datasets.load_dataset(source, split="validation")``)."""
     if text not in TEXTS:
         raise UserError(f"HellaSwag text {text!r} is not one of {', '.join(TEXTS)}")
     source = os.fspath(source)
@@ -95,8 +89,7 @@ def load_hellaswag(source, text: str = "lm_eval") -> list[dict]:
 
         ds = datasets.load_dataset(source, split="validation")
     except Exception as e:  # datasets raises many types (offline, missing, no split)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load HellaSwag from {source!r}: {first}\n"
+        raise UserError(f"cannot load HellaSwag from {source!r}: {first_line(e)}\n"
                         "pass a local hellaswag_val.jsonl, or check the Hub id and your network") from e
     return [_example(row, f"{source}[{i}]", text) for i, row in enumerate(ds)]
 
@@ -105,9 +98,7 @@ def hellaswag_subset(examples, n: int, seed: int = 0) -> list[dict]:
     """A deterministic subset of ``n`` examples (in their original order), for periodic evals."""
     if n is None or n >= len(examples):
         return list(examples)
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(examples), size=int(n), replace=False))
-    return [examples[i] for i in idx]
+    return [examples[i] for i in np.sort(np.random.default_rng(seed).choice(len(examples), size=int(n), replace=False))]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -154,13 +145,10 @@ def _batch_scores(net, rows, pad_id: int, device) -> torch.Tensor:
 def score_hellaswag(model, tokenizer, examples, *, batch_size: int = 8, device=None, accelerator=None,
                     return_details: bool = False) -> dict:
     """Zero-shot HellaSwag: ``{"acc", "acc_norm", "acc_norm_token", "n"}`` (see the module docstring).
-
-    ``batch_size`` is in examples (each contributes its 4 endings as 4 rows). Works on a model in
-    training mode (switched to eval and back). With a multi-process ``accelerator`` the examples
-    are sharded across ranks and the counts summed. ``return_details`` adds ``details``: per
-    example (this process's share) the label, the 4 log-prob sums, token and char counts, and
-    the three predictions.
-    """
+    ``batch_size`` is in examples (4 rows each). A model in training mode is switched to eval and back;
+    with a multi-process ``accelerator`` the examples are sharded and the counts summed.
+    ``return_details`` adds, per example of this process, the label, the 4 log-prob sums, token and
+    char counts and the three predictions."""
     if tokenizer is None:
         raise UserError("HellaSwag needs a tokenizer, and this model dir has none; save one next to the model")
     examples = list(examples)

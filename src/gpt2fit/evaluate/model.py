@@ -2,8 +2,6 @@
 it), and what every scorer shares: eval mode that is restored afterwards, sharding over Accelerate
 processes, and summing counts over them."""
 
-from __future__ import annotations
-
 import json
 import os
 from contextlib import contextmanager
@@ -13,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.formats import FINAL, is_run_dir, resolve_model_path
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -55,7 +53,7 @@ LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 def load_error(name, model_path, e: Exception) -> UserError:
     """One line for a model that does not load: which file, what is wrong, what to do."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
     if isinstance(e, SafetensorError):  # truncated or overwritten: safetensors cannot read its header
         return UserError(f"{weights[0] if len(weights) == 1 else model_path} is damaged ({first}); copy or "
@@ -68,19 +66,13 @@ def load_error(name, model_path, e: Exception) -> UserError:
 
 
 def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
-    """``(model, tokenizer)`` from a run dir (its ``final/``), a model dir or a Hub id.
-
-    ``dtype``: None means float32 (exact numbers), or "bfloat16" / "float16" / "auto" (the
-    checkpoint's own dtype) / a torch.dtype. ``device``: None picks cuda, then mps, then cpu.
-    The model is returned in eval mode. The tokenizer is None when the model has none (enough
-    for perplexity, which reads token ids). Remote code is never trusted.
-    """
-    path_or_id = os.fspath(path_or_id)
+    """``(model in eval mode, tokenizer)`` from a run dir (its ``final/``), a model dir or a Hub id.
+    ``dtype``: None = float32 (exact numbers), "bfloat16", "float16", "auto" (the checkpoint's own) or
+    a torch.dtype; ``device``: None = cuda, then mps, then cpu. The tokenizer is None when the model
+    has none (enough for perplexity, which reads ids). Remote code is never trusted."""
     model_path = check_model_path(path_or_id)
-    if dtype is None:
-        dtype = torch.float32
-    elif isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
+    if dtype is None or (isinstance(dtype, str) and dtype != "auto"):
+        dtype = getattr(torch, dtype or "float32")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)

@@ -19,8 +19,6 @@ The estimate
     with targets of -100, which ``F.cross_entropy`` and the training loss ignore.
 """
 
-from __future__ import annotations
-
 import math
 from contextlib import nullcontext
 
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 
 from gpt2fit.errors import UserError
 from gpt2fit.evaluate.model import eval_mode, n_positions, shards, sum_over_processes
-from gpt2fit.formats import open_split
+from gpt2fit.formats import check_token_ids, open_split
 
 IGNORE = -100  # a target that counts nothing (ignore_index of F.cross_entropy and lm_loss)
 
@@ -95,11 +93,7 @@ def evaluate_perplexity(model, data_dir, *, split: str = "val", block_size: int 
     if not 1 <= block_size <= n_pos:
         raise UserError(f"block_size {block_size} must be between 1 and the model's n_positions ({n_pos})")
     data = open_split(data_dir, split)
-    max_id, vocab = int(data.max()), int(model.config.vocab_size)
-    if max_id >= vocab:
-        raise UserError(f"token file {data.filename} has token id {max_id} but the model's vocab_size is {vocab}: "
-                        "this data was tokenized for another model; evaluate the model trained on it, or re-run "
-                        "`gpt2fit prepare` with this model's tokenizer")
+    check_token_ids(data.filename, data, int(model.config.vocab_size))
     r = windowed_loss(HFLossSum(model), data, block_size, batch_size=batch_size, max_windows=max_windows,
                       accelerator=accelerator, device=next(model.parameters()).device)
     return {**r, "ppl": math.exp(r["loss"])}

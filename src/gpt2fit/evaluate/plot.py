@@ -1,7 +1,4 @@
-"""Loss curves of one or more runs, from their ``metrics.jsonl``.
-
-    gpt2fit plot out/my-run                                  # -> out/my-run/loss.png
-    gpt2fit plot out/a out/b --labels base,8bit --ref 3.28   # -> ./loss_comparison.png
+"""Loss curves of one or more runs, from their ``metrics.jsonl`` (examples: EPILOG).
 
 One panel: train loss (lightly smoothed by a centered moving average, the raw values faint)
 and val loss per run, against tokens seen (or steps), with optional horizontal reference
@@ -11,9 +8,6 @@ Next to the PNG, ``<name>.json`` holds exactly the plotted series, so scripts an
 read back what was drawn.
 """
 
-from __future__ import annotations
-
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +64,9 @@ def _zoom_top(runs, refs) -> float | None:
     return top if top < max(all_values) else None
 
 
-def _series(rows, x: str, y: str):
-    xs, ys = [], []
-    for r in rows:
-        if r.get(x) is not None and r.get(y) is not None:
-            xs.append(r[x])
-            ys.append(r[y])
-    return xs, ys
+def _series(rows, x: str, y: str) -> tuple[list, list]:
+    points = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def _default_labels(run_dirs) -> list[str]:
@@ -122,20 +112,12 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
         tx, ty = _series(m["train"], x, "loss")
         ex, ey = _series(m["eval"], x, "val_loss")
         hx, hy = _series(m["hellaswag"], x, "acc_norm")
-        runs.append(
-            {
-                "label": label,
-                "run_dir": str(run_dir),
-                "train": {"x": tx, "loss": ty, "loss_smooth": smooth_values(ty, smooth)},
-                "eval": {"x": ex, "val_loss": ey},
-                "hellaswag": {"x": hx, "acc_norm": hy},
-            }
-        )
+        runs.append({"label": label, "run_dir": str(run_dir),
+                     "train": {"x": tx, "loss": ty, "loss_smooth": smooth_values(ty, smooth)},
+                     "eval": {"x": ex, "val_loss": ey}, "hellaswag": {"x": hx, "acc_norm": hy}})
     if not any(r["train"]["x"] or r["eval"]["x"] for r in runs):
-        raise UserError(
-            f"no train or eval rows with {x!r} in {', '.join(str(d / METRICS) for d in run_dirs)}; "
-            "nothing to plot yet (try --x step)"
-        )
+        raise UserError(f"no train or eval rows with {x!r} in {', '.join(str(d / METRICS) for d in run_dirs)}; "
+                        "nothing to plot yet (try --x step)")
     has_hs = any(r["hellaswag"]["x"] for r in runs)
 
     height = FIGSIZE[1] + (HELLASWAG_HEIGHT if has_hs else 0.0)
@@ -144,7 +126,6 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
         ax, ax_hs = fig.subplots(2, 1, sharex=True, height_ratios=(FIGSIZE[1], HELLASWAG_HEIGHT))
     else:
         ax, ax_hs = fig.subplots(1, 1), None
-    xlabel = "tokens" if x == "tokens" else "step"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
         c = colors[i % len(colors)]
@@ -152,19 +133,15 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
             ax.plot(r["train"]["x"], r["train"]["loss"], color=c, alpha=0.2, linewidth=0.8)
             ax.plot(r["train"]["x"], r["train"]["loss_smooth"], color=c, linewidth=1.5, label=f"{r['label']} train")
         if r["eval"]["x"]:
-            ax.plot(
-                r["eval"]["x"], r["eval"]["val_loss"], color=c, linestyle="--", marker="o", markersize=3,
-                linewidth=1.5, label=f"{r['label']} val",
-            )  # fmt: skip
+            ax.plot(r["eval"]["x"], r["eval"]["val_loss"], color=c, linestyle="--", marker="o", markersize=3,
+                    linewidth=1.5, label=f"{r['label']} val")
         if ax_hs is not None and r["hellaswag"]["x"]:
             ax_hs.plot(r["hellaswag"]["x"], r["hellaswag"]["acc_norm"], color=c, marker="o", markersize=3,
                        label=r["label"])
     for value, label in refs:
         ax.axhline(value, color="gray", linestyle=":", linewidth=1.2)
-        ax.annotate(
-            label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3), textcoords="offset points",
-            ha="right", va="bottom", fontsize=8, color="dimgray",
-        )  # fmt: skip
+        ax.annotate(label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=8, color="dimgray")
     top = _zoom_top(runs, refs)
     if top is not None:
         ax.set_ylim(top=top)
@@ -176,25 +153,18 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
     ax.set_title("loss" if len(runs) == 1 else "loss comparison")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    (ax_hs or ax).set_xlabel(x)
     if ax_hs is not None:
         ax_hs.set_ylabel("HellaSwag acc_norm")
         ax_hs.grid(True, alpha=0.3)
         ax_hs.legend(fontsize=8)
-        ax_hs.set_xlabel(xlabel)
-    else:
-        ax.set_xlabel(xlabel)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png", dpi=DPI)
     plt.close(fig)
-    data = {
-        "x": x,
-        "smooth": smooth,
-        "reference_lines": [{"value": v, "label": l} for v, l in refs],
-        "runs": runs,
-    }
-    write_json_atomic(out_path.with_suffix(".json"), data)
+    write_json_atomic(out_path.with_suffix(".json"), {
+        "x": x, "smooth": smooth, "reference_lines": [{"value": v, "label": l} for v, l in refs], "runs": runs})
     return out_path
 
 
@@ -226,19 +196,9 @@ def parse_ref(text: str):
 def main(argv=None) -> int:
     (o,), _ = options.parse(argv, [PlotOptions], prog="gpt2fit plot", description=DESCRIPTION, epilog=EPILOG)
     labels = [s.strip() for s in o.labels.split(",")] if o.labels else None
-    if o.out:
-        out = Path(o.out)
-    elif len(o.run_dirs) == 1:
-        out = Path(o.run_dirs[0]) / PLOT
-    else:
-        out = Path("loss_comparison.png")
+    out = Path(o.out or (Path(o.run_dirs[0]) / PLOT if len(o.run_dirs) == 1 else "loss_comparison.png"))
     refs = [parse_ref(r) for r in o.ref]
     path = plot_runs(o.run_dirs, out, x=o.x, reference_lines=refs, labels=labels, smooth=o.smooth)
     print(f"wrote {path} (series in {path.with_suffix('.json')})")
     return 0
 
-
-if __name__ == "__main__":
-    from gpt2fit.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

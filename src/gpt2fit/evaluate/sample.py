@@ -1,8 +1,5 @@
 """`gpt2fit sample`: generate text from a run dir (its final/) or any Hugging Face causal-LM dir or Hub id."""
 
-from __future__ import annotations
-
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +29,15 @@ class SampleOptions:
 @torch.no_grad()
 def generate(path_or_id: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, num_samples: int = 1,
-             device: str | None = None, model_and_tokenizer=None) -> list[str]:
+             device: str | None = None) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (the prompt included in each returned text); the
     values are range-checked where they come from (SampleOptions, the train config)."""
-    model, tok = model_and_tokenizer or load_model_and_tokenizer(path_or_id, device)
+    model, tok = load_model_and_tokenizer(path_or_id, device)
     if tok is None:
         raise UserError(f"{path_or_id} has no tokenizer files; sampling needs one saved next to the model.")
     eot = tok.eos_token_id
-    ids = tok(prompt, add_special_tokens=False).input_ids if prompt else []
-    if not ids:  # an empty prompt starts a new document, as in training
-        ids = [eot]
+    # an empty prompt starts a new document, as in training
+    ids = (tok(prompt, add_special_tokens=False).input_ids if prompt else []) or [eot]
     room = model.config.n_positions - len(ids)
     if room <= 0:
         raise UserError(f"the prompt is {len(ids)} tokens, the model's context is {model.config.n_positions}; "
@@ -49,20 +45,17 @@ def generate(path_or_id: str, prompt: str = "", *, max_new_tokens: int = 200, te
     input_ids = torch.tensor([ids] * num_samples, device=model.device)
     torch.manual_seed(seed)
     sampling = temperature > 0
-    out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=min(max_new_tokens, room), do_sample=sampling,
-        temperature=temperature if sampling else None, top_k=(top_k or None) if sampling else None,
-        top_p=top_p if sampling else None, pad_token_id=eot, eos_token_id=eot,
-    )
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=sampling,
+                         max_new_tokens=min(max_new_tokens, room), temperature=temperature if sampling else None,
+                         top_k=(top_k or None) if sampling else None, top_p=top_p if sampling else None,
+                         pad_token_id=eot, eos_token_id=eot)
     start = 1 if ids == [eot] else 0
     return [tok.decode(seq[start:], skip_special_tokens=True) for seq in out]
 
 
 def main(argv=None) -> int:
-    (o,), _ = options.parse(argv, [SampleOptions], prog="gpt2fit sample", description="Generate text from a "
-                            "trained model.", epilog="Example: gpt2fit sample runs/quickstart --prompt 'def main(' "
-                            "--max_new_tokens 200")
+    (o,), _ = options.parse(argv, [SampleOptions], prog="gpt2fit sample", description="Generate text from a model.",
+                            epilog="Example: gpt2fit sample runs/quickstart --prompt 'def main(' --max_new_tokens 200")
     texts = generate(o.model, o.prompt, max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
                      top_p=o.top_p, seed=o.seed, num_samples=o.num_samples, device=resolve_device(o.device))
     for i, text in enumerate(texts):
@@ -71,8 +64,3 @@ def main(argv=None) -> int:
         print(text)
     return 0
 
-
-if __name__ == "__main__":
-    from gpt2fit.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

@@ -5,8 +5,6 @@ interrupted run resumes; ``meta.json`` (formats.write_meta) is written last. Ope
 cannot run Skylion007/openwebtext's loading script; ``--dataset_revision refs/convert/parquet`` reads
 the Hub's Parquet conversion, partial for datasets over ~5 GB (for all of it, pass the archives)."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -200,8 +198,7 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
                                            allow_tiktoken=use_tiktoken)
     if not resuming:
         try:
-            if shard_dir.exists():
-                shutil.rmtree(shard_dir)
+            shutil.rmtree(shard_dir, ignore_errors=True)
             shard_dir.mkdir(parents=True)
             tok.save_pretrained(shard_dir / formats.TOKENIZER_DIR)
             formats.write_json_atomic(shard_dir / MANIFEST, {"key": key, "kind": kind, "args": key_args})
@@ -249,21 +246,18 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
     for s in ("train", "val"):
         concat(shard_dir, used, s, out / f"{s}.bin", dtype)
     tok_dir = out / formats.TOKENIZER_DIR
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
+    shutil.rmtree(tok_dir, ignore_errors=True)
     shutil.copytree(shard_dir / formats.TOKENIZER_DIR, tok_dir)
     source.pop("_files", None)
     bpe = kind == "bpe"
     meta = formats.make_meta(
-        dtype=dtype,
+        dtype=dtype, splits={s: {"tokens": n[f"{s}_tokens"], "documents": n[f"{s}_docs"]} for s in ("train", "val")},
         tokenizer={"name_or_path": tokenizer if kind == "pretrained" else str(tok_dir), "kind": kind,
                    "vocab_size": len(tok), "eot_id": eot, "fingerprint": fingerprint(tok)},
-        splits={s: {"tokens": n[f"{s}_tokens"], "documents": n[f"{s}_docs"]} for s in ("train", "val")},
         source={**source, "text_column": text_column, "split": split, "val_fraction": val_fraction, "seed": seed,
                 "max_chars": max_chars, "max_tokens": max_tokens, "chars": n["chars"], "documents": n["source_docs"],
-                "eot_after_documents": split != "chars", "empty_skipped": n["empty"],
-                "documents_with_replaced_bytes": n["replaced"],
-                "tokenizer_train_docs": tokenizer_train_docs if bpe else None,
+                "eot_after_documents": split != "chars", "empty_skipped": n["empty"], "documents_with_replaced_bytes":
+                n["replaced"], "tokenizer_train_docs": tokenizer_train_docs if bpe else None,
                 "tokenizer_train_chars": tokenizer_train_chars if bpe else None},
         encoder={"kind": encoder, "note": encoder_note, "workers": run.workers, "chunk_chars": chunk_chars,
                  "chunks": len(used), "chunks_tokenized": run.tokenized, "chunks_resumed": run.resumed},

@@ -2,8 +2,6 @@
 both as ordinary text (``<|endoftext|>`` inside a document is text: only gpt2fit's own EOT ends one).
 tiktoken is used only when ``choose_encoder`` has checked that its ids equal the fast tokenizer's."""
 
-from __future__ import annotations
-
 import functools
 import json
 from typing import Callable, Iterable

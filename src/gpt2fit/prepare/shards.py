@@ -6,8 +6,6 @@ processes tokenize chunks, append EOT after every document, write ``.shards/<chu
 and, once both are fsynced, a ``<chunk>.done`` marker, which a rerun trusts (the source is re-read, not
 re-tokenized). Shards and final files coexist until the end: ~2x the disk."""
 
-from __future__ import annotations
-
 import itertools
 import json
 import multiprocessing as mp
@@ -59,23 +57,6 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _fsync_write(path: Path, data) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make a rename in ``d`` durable (POSIX; Windows cannot open a directory and needs no such step)."""
-    if os.name != "nt":
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 SPLIT_COUNTS = ("train_tokens", "val_tokens", "train_docs", "val_docs")
 
 
@@ -97,17 +78,16 @@ def tokenize_chunk(name: str, texts: list[str], val: np.ndarray, append_eot: boo
                            dtype=_W["dtype"])
         try:
             if len(flat):
-                _fsync_write(path, flat.data)
+                formats.write_atomic(path, flat.data)
             else:
                 path.unlink(missing_ok=True)
-        except OSError as e:
-            path.unlink(missing_ok=True)
+        except OSError as e:  # (write_atomic leaves no partial file)
             raise disk_error(path, e) from None
     out = _counts(lens, val)
     marker = _W["dir"] / f"{name}.done"
     try:
         formats.write_json_atomic(marker, out)
-        _fsync_dir(marker.parent)
+        formats.fsync(marker.parent)
     except OSError as e:
         marker.unlink(missing_ok=True)
         raise disk_error(marker, e) from None

@@ -3,8 +3,6 @@ A source is one or two ordered ``Stream``s: ``docs`` (a seeded val_fraction of t
 or ``val`` + ``train`` for a dataset's own validation split. Bad UTF-8 is replaced (U+FFFD) and counted;
 text with a byte-order mark (UTF-8/16/32) is decoded by it; binary files in a directory or glob are skipped."""
 
-from __future__ import annotations
-
 import codecs
 import glob
 import io
@@ -14,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 
 BUILTIN_SOURCES = ("stdlib",)
 Record = tuple  # (text: str | None, replaced: bool, units: float)
@@ -227,22 +225,19 @@ def local_streams(inputs: list[str], text_column: str) -> tuple[list[Stream], di
 
 # -- Hugging Face datasets -------------------------------------------------------------------
 def _hub_error(dataset: str, e: Exception, config, revision) -> UserError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e)
     name = type(e).__name__
     if name == "DatasetNotFoundError" or "gated" in first.lower():
-        return UserError(
-            f"dataset {dataset!r} was not found on the Hugging Face Hub, or it needs a login: {first} "
-            f"Check the id at https://huggingface.co/datasets/{dataset}; for a gated or private dataset run "
-            "`hf auth login` (or set HF_TOKEN) and accept its terms on the dataset page.")
+        return UserError(f"dataset {dataset!r} was not found on the Hugging Face Hub, or it needs a login: {first} "
+                         f"Check the id at https://huggingface.co/datasets/{dataset}; for a gated or private dataset "
+                         "run `hf auth login` (or set HF_TOKEN) and accept its terms on the dataset page.")
     if isinstance(e, ConnectionError) or name in ("OfflineModeIsEnabled", "ConnectError", "ConnectTimeout"):
-        return UserError(
-            f"cannot reach the Hugging Face Hub for dataset {dataset!r}: {first} Check the network (and "
-            "unset HF_HUB_OFFLINE), or pass a local directory / --input files instead.")
+        return UserError(f"cannot reach the Hugging Face Hub for dataset {dataset!r}: {first} Check the network "
+                         "(and unset HF_HUB_OFFLINE), or pass a local directory / --input files instead.")
     # datasets>=4 no longer runs loading scripts (Skylion007/openwebtext's main branch holds one)
     if "Dataset scripts are no longer supported" in first:
-        return UserError(
-            f"dataset {dataset!r} is a loading-script dataset, which datasets>=4 cannot run ({first}). Use "
-            "the Hub's Parquet conversion: add --dataset_revision refs/convert/parquet.")
+        return UserError(f"dataset {dataset!r} is a loading-script dataset, which datasets>=4 cannot run ({first}). "
+                         "Use the Hub's Parquet conversion: add --dataset_revision refs/convert/parquet.")
     if "BuilderConfig" in first or (config and "config" in first.lower()):
         return UserError(f"--dataset_config {config!r} is not a config of {dataset!r}: {first} "
                          "Pass one of the available names with --dataset_config.")
@@ -277,9 +272,8 @@ def hub_streams(dataset: str, *, config=None, split="train", revision=None, data
 
     def stream(name: str, role: str) -> Stream:
         ds = dd[name]
-        names = ds.column_names
-        if names is None:  # a streamed dataset without declared features: look at the first row
-            names = list(next(iter(ds), {}).keys())
+        # a streamed dataset without declared features: look at the first row
+        names = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())
         if text_column not in names:
             raise _no_column(f"dataset {dataset!r} split {name!r}", text_column, names)
         ds = ds.select_columns([text_column])

@@ -1,8 +1,6 @@
 """Tokenizers: load a pretrained one, train a byte-level BPE, or build a char-level one. Each is a
 ``PreTrainedTokenizerFast`` saved as a Hugging Face tokenizer dir: stock ``AutoTokenizer`` loads it."""
 
-from __future__ import annotations
-
 import hashlib
 import itertools
 import json
@@ -11,7 +9,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.prepare.sources import Stream, documents
 
 EOT = "<|endoftext|>"
@@ -23,8 +21,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load tokenizer {name_or_path!r}: {first} "
+        raise UserError(f"cannot load tokenizer {name_or_path!r}: {first_line(e)} "
                         "Give a Hub id (gpt2), a tokenizer dir, or prepare with --tokenizer bpe.") from None
     except Exception as e:  # tokenizers raises a bare Exception on a corrupt tokenizer.json
         raise UserError(f"cannot load tokenizer {name_or_path!r}: corrupt tokenizer files ({e}).") from None

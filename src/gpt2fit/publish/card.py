@@ -6,8 +6,6 @@ The model-index holds what others can compare: lm-eval's results, and the valida
 on a Hub dataset. The license is the caller's (``gpt2fit push`` reads the base model's).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -21,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from gpt2fit import formats
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.units import format_count, format_duration
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
@@ -31,16 +29,13 @@ _SECRET_KEY_RE = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|
 _DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".md", ".gz", ".zst", ".bin")
 
 # Run settings of config.yaml that say nothing about the model: left out of the card.
-_NOT_HPARAMS = {
-    "out_dir", "resume", "overwrite", "report_to", "push_to_hub", "sample_prompt", "sample_tokens", "log_interval",
-    "num_workers", "eval_before_training", "checkpoint_interval", "keep_checkpoints", "max_memory", "recipe",
-}  # fmt: skip
+_NOT_HPARAMS = {"out_dir", "resume", "overwrite", "report_to", "push_to_hub", "sample_prompt", "sample_tokens",
+                "log_interval", "num_workers", "eval_before_training", "checkpoint_interval", "keep_checkpoints",
+                "max_memory", "recipe"}
 # Hyperparameters shown first, in this order; other scalar keys of config.yaml follow, sorted.
-_HPARAM_ORDER = (
-    "init_from", "preset", "n_layer", "n_head", "n_embd", "block_size", "data_dir", "learning_rate", "min_lr",
-    "warmup_steps", "max_steps", "max_tokens", "micro_batch_size", "grad_accum_steps", "weight_decay", "optimizer",
-    "mixed_precision", "seed",
-)  # fmt: skip
+_HPARAM_ORDER = ("init_from", "preset", "n_layer", "n_head", "n_embd", "block_size", "data_dir", "learning_rate",
+                 "min_lr", "warmup_steps", "max_steps", "max_tokens", "micro_batch_size", "grad_accum_steps",
+                 "weight_decay", "optimizer", "mixed_precision", "seed")
 # Old-style GPT-2 names accepted by from_pretrained -> their canonical Hub ids (for base_model).
 _CANONICAL_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 _CANONICAL_IDS["distilgpt2"] = "distilbert/distilgpt2"
@@ -58,7 +53,7 @@ def _load(path: Path, parse) -> dict:
     try:
         data = parse(path.read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is not valid ({str(e).splitlines()[0]}): fix or delete it, then push again") from e
+        raise UserError(f"{path} is not valid ({first_line(e)}): fix or delete it, then push again") from e
     return data if isinstance(data, dict) else {}
 
 
@@ -180,10 +175,9 @@ def _summary_line(f: Facts) -> str:
     arch = [f"context {c[k]}" if k == "block_size" else f"{c[k]} {label}" for k, label in shape if _present(c.get(k))]
     arch += [f"{format_count(n_params)} parameters"] if n_params else []
     init_from = f.summary.get("init_from")
-    if f.base_model:
-        origin = f"fine-tuned from [`{f.base_model}`](https://huggingface.co/{f.base_model})"
-    else:  # never a full path
-        origin = f"fine-tuned from a local model (`{_fmt(_local_name(init_from))}`)" if init_from else "trained from scratch"
+    origin = (f"fine-tuned from [`{f.base_model}`](https://huggingface.co/{f.base_model})" if f.base_model else
+              f"fine-tuned from a local model (`{_fmt(_local_name(init_from))}`)" if init_from else  # never a full path
+              "trained from scratch")
     if f.dataset_type:
         origin += f" on [`{f.dataset_type}`](https://huggingface.co/datasets/{f.dataset_type})"
     elif f.dataset:
@@ -223,11 +217,10 @@ def _hparam_rows(config: dict) -> list[tuple[str, str]]:
     rows = []
     for key in [k for k in _HPARAM_ORDER if k in config] + sorted(set(config) - set(_HPARAM_ORDER), key=str):
         key, value = str(key), config[key]
+        nested = isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)
         if (not _present(value) or _SECRET_KEY_RE.search(key) or key in _NOT_HPARAMS or key.startswith("hub_")
-                or isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))):
+                or nested or (isinstance(value, float) and not math.isfinite(value))):
             continue  # fmt: skip
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
         if key == "seed" or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10_000):
             value = str(value)  # no thousands separator on seeds and small counts
         rows.append((key, _fmt(_public(value, key))))
@@ -255,18 +248,15 @@ def _lm_eval_rows(f: Facts) -> list[list[str]]:
 
 
 def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
-                     revision: str | None = None, checkpoints: list[str] | tuple[str, ...] = ()) -> ModelCard:  # fmt: skip
+                     revision: str | None = None, checkpoints: list[str] | tuple[str, ...] = ()) -> ModelCard:
     """The model card of a run dir; nothing is written. ``repo_id`` goes into the usage snippet and
     names the model-index; ``checkpoints`` lists the branches (``step<N>``) checkpoints were pushed to."""
     run = Path(run_dir)
     f = gather(run)
     name = (repo_id.split("/")[-1] if repo_id else None) or run.resolve().name or "gpt2fit-model"
-    results = _eval_results(f)
-    data = ModelCardData(
-        base_model=f.base_model, datasets=f.dataset_ids or None, license=license or None,
-        library_name="transformers", pipeline_tag="text-generation", tags=["gpt2", "gpt2fit", "text-generation"],
-        model_name=name, eval_results=results or None,
-    )  # fmt: skip
+    data = ModelCardData(base_model=f.base_model, datasets=f.dataset_ids or None, license=license or None,
+                         library_name="transformers", pipeline_tag="text-generation", model_name=name,
+                         tags=["gpt2", "gpt2fit", "text-generation"], eval_results=_eval_results(f) or None)
     status, step = f.summary.get("status"), f.summary.get("step")
     evaluation, hellaswag_note = _evaluation_rows(f)
     card = ModelCard.from_template(

@@ -1,6 +1,4 @@
-"""Publish a run on the Hugging Face Hub: `gpt2fit push` (one commit) and background pushes.
-
-    gpt2fit push runs/quickstart --repo_id your-username/gpt2-quickstart [--private] [--revision BRANCH]
+"""Publish a run on the Hugging Face Hub: `gpt2fit push` (one commit; example: EPILOG) and background pushes.
 
 One commit, at the repo root: final/'s files, README.md (the model card, publish/card.py),
 loss.png, eval_results.json and TensorBoard's event files (the Hub's training-metrics tab) when
@@ -19,8 +17,6 @@ Retries: see ``_with_retries``. The token comes from ``HF_TOKEN`` or ``hf auth l
 huggingface_hub; gpt2fit never writes it and has no ``--token`` flag (it would end up in shell
 history); errors pass through ``redact``. Under ``HF_HUB_OFFLINE=1`` a push fails at once.
 """
-
-from __future__ import annotations
 
 import concurrent.futures
 import http
@@ -45,7 +41,7 @@ from huggingface_hub.utils import HFValidationError, filter_repo_objects, valida
 from safetensors.torch import load_file, save_file
 
 from gpt2fit import __version__, formats, options
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.evaluate.model import save_tokenizer
 from gpt2fit.options import opt
 from gpt2fit.publish.card import build_model_card, gather, redact
@@ -62,14 +58,7 @@ RUN_EXTRAS = (formats.PLOT, formats.EVAL_RESULTS)  # pushed next to final/ (repo
 MODEL_FILES, NOT_MODEL_FILES = ["*.json", "*.txt", "*.model"], ["*.index.json", "README.md"]
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- checks and errors
-
-
+# -- checks and errors -----------------------------------------------------------------------------
 def check_repo_id(repo_id: str | None) -> str:
     """'namespace/name' or a UserError; the training loop calls this before its first step."""
     if not repo_id:
@@ -80,7 +69,7 @@ def check_repo_id(repo_id: str | None) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UserError(f"invalid repo id {repo_id!r}: {_first_line(e)}") from e
+        raise UserError(f"invalid repo id {repo_id!r}: {first_line(e)}") from e
     return repo_id
 
 
@@ -123,10 +112,7 @@ def _explain(exc: BaseException, api: HfApi, repo_id: str, revision: str | None,
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     status = _status_of(exc)
     if status is not None:
-        try:
-            phrase = http.HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "error"
+        phrase = next((s.phrase for s in http.HTTPStatus if s == status), "error")
         fix = {
             401: "set HF_TOKEN or run `hf auth login` (" + ("the token was rejected; use a valid token with write "
                  "access)" if _has_token(api) else "no token was found)"),
@@ -134,7 +120,8 @@ def _explain(exc: BaseException, api: HfApi, repo_id: str, revision: str | None,
                  "(https://huggingface.co/settings/tokens) or a namespace you own",
             404: "the repo or branch does not exist or your token cannot see it; check --repo_id and --revision",
             429: "rate limited by the Hub; wait a few minutes and push again",
-        }.get(status, "the Hub is having trouble; push again later" if status >= 500 else "the Hub refused it")  # fmt: skip
+        }.get(status, "the Hub is having trouble; push again later" if status >= 500 else
+              "the Hub refused it")  # fmt: skip
         head = f"{target} failed{tries}: {status} {phrase} — {fix}"
     elif _is_retryable(exc):
         head = f"{target} failed{tries}: cannot reach {api.endpoint} ({type(exc).__name__}) — check your connection"
@@ -158,7 +145,7 @@ def _with_retries(attempt_fn: Callable[[], Any], *, api: HfApi, repo_id: str, re
             retryable = _is_retryable(exc)
             if retryable and attempt < retries:
                 wait = min(backoff * (2**attempt), MAX_BACKOFF_S)
-                logger.warning("push to %s: %s; retry %d/%d in %.1fs", repo_id, redact(_first_line(exc)),
+                logger.warning("push to %s: %s; retry %d/%d in %.1fs", repo_id, redact(first_line(exc)),
                                attempt + 1, retries, wait)  # fmt: skip
                 sleep(wait)
                 continue
@@ -176,9 +163,7 @@ def repo_url(endpoint: str | None, repo_id: str, revision: str | None) -> str:
     return f"{url}/tree/{revision}" if revision and revision != "main" else url
 
 
-# --------------------------------------------------------------------------- pushing
-
-
+# -- pushing ---------------------------------------------------------------------------------------
 def _commit(files: list[tuple[str, Path | bytes]], repo_id: str, *, commit_message: str, private: bool = False,
             revision: str | None = None, token: str | None = None, endpoint: str | None = None,
             retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
@@ -224,7 +209,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, path_in_repo: str | 
 def _files(root: Path, *, allow=None, ignore=None, prefix: str = "") -> list[tuple[str, Path]]:
     """(path in repo, local file) for the files under ``root`` that the patterns let through."""
     rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return [(prefix + rel, root / rel) for rel in filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore)]
+    return [(prefix + rel, root / rel)
+            for rel in filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore)]  # fmt: skip
 
 
 def run_files(run_dir: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -299,7 +285,7 @@ def base_license(run: Path, token: str | None = None, endpoint: str | None = Non
     try:
         data = _hub_api(token, endpoint).model_info(base).card_data if base else None
     except Exception as e:  # noqa: BLE001 - the card then states no license; say why
-        logger.warning("could not read the license of %s (%s); pass --license", base, redact(_first_line(e)))
+        logger.warning("could not read the license of %s (%s); pass --license", base, redact(first_line(e)))
         return None
     return getattr(data, "license", None)
 
@@ -310,10 +296,8 @@ def push_run(
     license: str | None = None, commit_message: str | None = None, retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF, dry_run: bool = False, sleep: Callable[[float], None] = time.sleep,
 ) -> PushResult:  # fmt: skip
-    """Push a finished run as one commit (final/ at the repo root, README.md, loss.png,
-    eval_results.json, TensorBoard logs), then with ``include_checkpoints`` one commit per complete
-    checkpoint to its branch (``checkpoint_model_dir``). ``license`` None: the base model's. The run
-    dir is never written; retries as :func:`push_folder`. ``dry_run``: no network (nor license lookup)."""
+    """Push a finished run as the module docstring says. ``license`` None: the base model's; retries as
+    :func:`push_folder`; ``dry_run``: no network (nor license lookup)."""
     run = _check_run_dir(run_dir)
     check_repo_id(repo_id)
     files = run_files(run)
@@ -340,9 +324,7 @@ def push_run(
     return PushResult(repo_id, url, info.commit_url, listing, card)
 
 
-# --------------------------------------------------------------------------- background pushes
-
-
+# -- background pushes -----------------------------------------------------------------------------
 @dataclass
 class Failure:
     """One upload that did not happen, and how to do it by hand."""
@@ -354,15 +336,10 @@ class Failure:
 
 
 class BackgroundPusher:
-    """Uploads folders in the background so training never waits on the network.
-
-    ``submit()`` snapshots the folder at once (hard links into a temp dir; see :func:`snapshot`)
-    so the trainer may rotate or delete it right after, then queues the upload on
-    ``HfApi.run_as_future`` (one worker thread, uploads in submission order). Nothing raises into
-    the caller: failures are logged (redacted) and returned by ``finish()``, and ``report()`` says
-    what was not pushed and the command to push it later. Python waits for an upload in flight at
-    exit; call ``finish()`` (or use ``with``) to learn how it went.
-    """
+    """Uploads folders in the background so training never waits on the network (module docstring).
+    Nothing raises into the caller: failures are logged (redacted) and returned by ``finish()``, and
+    ``report()`` says what was not pushed and how to push it later. Python waits for an upload in
+    flight at exit; call ``finish()`` (or use ``with``) to learn how it went."""
 
     def __init__(self, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None,
                  endpoint: str | None = None, retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
@@ -398,7 +375,7 @@ class BackgroundPusher:
             command = ["gpt2fit", "push", str(folder.parent.parent), *flags, "--include_checkpoints"]
         else:
             command = ["hf", "upload", self.repo_id, str(folder)] + ([path_in_repo] if path_in_repo else [])
-            command += (["--revision", self.revision] if self.revision else []) + (["--private"] if self.private else [])
+            command += flags[2:]  # --private, --revision: the same for hf upload
         self.failures.append(Failure(str(folder), path_in_repo, redact(error), shlex.join(command)))
         if log:
             logger.warning("push of %s to %s failed: %s", folder, self.repo_id, redact(error))
@@ -433,7 +410,7 @@ class BackgroundPusher:
         except Exception as e:  # noqa: BLE001 - never raise into training (e.g. rotated away mid-snapshot)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            return self._fail(job, f"could not snapshot {folder}: {_first_line(e)}")
+            return self._fail(job, f"could not snapshot {folder}: {first_line(e)}")
         job["snapshot"] = tmp
         message = commit_message or f"gpt2fit: upload {job['revision'] or path_in_repo or folder.name}"
         self._jobs.append((job, self._api.run_as_future(self._upload, job, message)))
@@ -442,8 +419,7 @@ class BackgroundPusher:
     def _upload(self, job: dict, message: str) -> None:
         try:
             if job["run_dir"]:
-                license = self.license or base_license(job["folder"], self._push_args["token"],
-                                                       self._push_args["endpoint"])  # fmt: skip
+                license = self.license or base_license(job["folder"], self._push_args["token"], self._api.endpoint)
                 card = build_model_card(job["folder"], repo_id=self.repo_id, license=license, revision=self.revision,
                                         checkpoints=self.revisions)  # fmt: skip
                 (job["snapshot"] / "README.md").write_text(str(card), encoding="utf-8")
@@ -452,7 +428,7 @@ class BackgroundPusher:
                         **{**self._push_args, **branch})  # fmt: skip
             self.revisions += [job["revision"]] if job["revision"] else []
         except Exception as e:
-            logger.warning("push of %s to %s failed: %s", job["folder"], self.repo_id, redact(_first_line(e)))
+            logger.warning("push of %s to %s failed: %s", job["folder"], self.repo_id, redact(first_line(e)))
             raise  # logged now, recorded by finish()
         finally:
             shutil.rmtree(job["snapshot"], ignore_errors=True)
@@ -471,7 +447,7 @@ class BackgroundPusher:
                     shutil.rmtree(job["snapshot"], ignore_errors=True)
                 self._fail(job, f"not pushed: finish() stopped waiting after {timeout}s")
             elif future.exception() is not None:
-                self._fail(job, _first_line(future.exception()), log=False)
+                self._fail(job, first_line(future.exception()), log=False)
             else:
                 self.pushed.append(job["revision"] or job["path_in_repo"] or str(job["folder"]))
         self._jobs = []
@@ -491,8 +467,7 @@ class BackgroundPusher:
         return redact("\n".join(lines))
 
 
-# --------------------------------------------------------------------------- CLI
-
+# -- CLI -------------------------------------------------------------------------------------------
 DESCRIPTION = ("Push a finished run (final/ model, model card, loss.png, eval_results.json) to the Hugging Face "
                "Hub as one commit. The token comes from HF_TOKEN or `hf auth login`.")  # fmt: skip
 EPILOG = "example: gpt2fit push runs/quickstart --repo_id your-username/gpt2-quickstart --private"
@@ -529,8 +504,7 @@ def main(argv=None) -> int:
     if not o.dry_run:
         _check_online()
         print(f"pushing {run} to {o.repo_id} ({o.revision or 'main'}) ...", flush=True)
-    result = push_run(run, o.repo_id, private=o.private, revision=o.revision, include_checkpoints=o.include_checkpoints,
-                      endpoint=o.endpoint, license=o.license, commit_message=o.commit_message, dry_run=o.dry_run)  # fmt: skip
+    result = push_run(run, o.repo_id, **{k: v for k, v in vars(o).items() if k not in ("run_dir", "repo_id")})
     total = _size(sum(size for _, size in result.files))
     if o.dry_run:
         print(result.card)

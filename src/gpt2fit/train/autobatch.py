@@ -11,8 +11,6 @@
 On the CPU there is nothing to run out of in practice: the estimate against host RAM, capped at 64.
 """
 
-from __future__ import annotations
-
 import os
 
 import torch
@@ -21,21 +19,14 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from gpt2fit.errors import UserError
 from gpt2fit.plan.memory import max_micro_batch, memory_settings
 from gpt2fit.train.optim import build_optimizer
-from gpt2fit.units import parse_size
+from gpt2fit.units import GiB, parse_size
 
 CPU_CAP = 64
 
 
-def planned_micro_batch(cfg, lm_config, memory_bytes: int, precision: str, world: int) -> int:
-    return max_micro_batch(lm_config, memory_bytes=memory_bytes, n_processes=world, **memory_settings(cfg, precision))
-
-
 def probe_micro_batch(try_step, start: int) -> int:
-    """Largest micro-batch <= start for which ``try_step(b)`` raises no out-of-memory error.
-
-    Backs off 10% per out-of-memory from ``start`` (as Accelerate's find_executable_batch_size),
-    then bisects between the last size that ran and the last that did not, so the answer is exact.
-    """
+    """Largest micro-batch <= start for which ``try_step(b)`` raises no out-of-memory error: 10% back
+    off per out-of-memory (as Accelerate's find_executable_batch_size), then bisection."""
     def runs(b: int) -> bool:
         try:
             try_step(b)
@@ -53,9 +44,9 @@ def probe_micro_batch(try_step, start: int) -> int:
             raise UserError("even micro_batch_size=1 runs out of memory; turn on --grad_checkpointing, "
                             "--optimizer adamw8bit, --loss_chunk_size 1024, or lower --block_size. "
                             "`gpt2fit plan` shows what fits.")
-    lo, hi = b, failed if failed is not None else b + 1
     if failed is None:
         return b
+    lo, hi = b, failed
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if runs(mid) else (lo, mid)
@@ -63,21 +54,21 @@ def probe_micro_batch(try_step, start: int) -> int:
 
 
 def auto_micro_batch(cfg, model, accelerator) -> int:
-    lm = model.lm
-    device = accelerator.device
-    precision = accelerator.mixed_precision
-    world = accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        memory = min(memory, parse_size(cfg.run.max_memory)) if cfg.run.max_memory else memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM
+    est = max_micro_batch(model.lm.config, memory_bytes=memory, n_processes=world,
+                          **memory_settings(cfg, accelerator.mixed_precision))
     if device.type != "cuda":
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        est = min(CPU_CAP, max(1, planned_micro_batch(cfg, lm.config, ram, precision, world)))
-        accelerator.print(f"micro_batch_size auto: {est} (planner estimate for {ram / 2**30:.0f} GiB host RAM, "
+        est = min(CPU_CAP, max(1, est))
+        accelerator.print(f"micro_batch_size auto: {est} (planner estimate for {memory / GiB:.0f} GiB host RAM, "
                           f"capped at {CPU_CAP})")
         return est
-    total = torch.cuda.get_device_properties(device).total_memory
-    memory = min(total, parse_size(cfg.run.max_memory)) if cfg.run.max_memory else total
-    est = planned_micro_batch(cfg, lm.config, memory, precision, world)
     if est == 0:
-        raise UserError(f"the planner finds no micro-batch that fits {memory / 2**30:.1f} GiB with these settings; "
+        raise UserError(f"the planner finds no micro-batch that fits {memory / GiB:.1f} GiB with these settings; "
                         "turn on --grad_checkpointing, --optimizer adamw8bit or --loss_chunk_size 1024. "
                         "`gpt2fit plan` shows the breakdown.")
     model.to(device)
@@ -108,5 +99,4 @@ def _try_step(cfg, model, accelerator, batch: int) -> None:
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        clear_device_cache()

@@ -4,8 +4,7 @@ Batches are a pure function of (seed, micro-batch index, rank): resuming at micr
 exactly the batches an uninterrupted run would have seen, with no sampler state to save.
 """
 
-from __future__ import annotations
-
+import functools
 import itertools
 
 import numpy as np
@@ -33,19 +32,11 @@ class WindowBatches:
         # windows per epoch, valid for any phase in [0, T) when the data allows a phase shift
         self.shift = (n - 1) // block_size >= 2
         self.windows = (n - 1) // block_size - (1 if self.shift else 0)
-        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.windows
-
+    @functools.lru_cache(maxsize=4)  # (the permutation and phase of the epochs being read)
     def _epoch(self, e: int) -> tuple[np.ndarray, int]:
-        if self._epoch_cache is None or self._epoch_cache[0] != e:
-            rng = np.random.default_rng([self.seed, e])
-            perm = rng.permutation(self.windows)
-            phase = int(rng.integers(self.T)) if self.shift else 0
-            self._epoch_cache = (e, perm, phase)
-        return self._epoch_cache[1], self._epoch_cache[2]
+        rng = np.random.default_rng([self.seed, e])
+        return rng.permutation(self.windows), int(rng.integers(self.T)) if self.shift else 0
 
     def starts(self, k: int) -> np.ndarray:
         first = (k * self.world + self.rank) * self.B  # global sample index of this batch's first row
@@ -66,14 +57,10 @@ class WindowBatches:
 
 
 def make_loader(batches: WindowBatches, start: int, num_workers: int, pin_memory: bool):
-    """A DataLoader yielding micro-batches start, start+1, ... (workers prefetch in order)."""
-    class _Sampler(torch.utils.data.Sampler):
-        def __iter__(self):
-            return itertools.count(start)
-
+    """A DataLoader yielding micro-batches start, start+1, ... (in order; iterate it once)."""
     # its own generator: otherwise creating the iterator draws from the global torch RNG, and a resumed
     # run (which creates it after restoring RNG state) would see different dropout masks
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=_Sampler(), num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(start), pin_memory=pin_memory,
+                                       num_workers=num_workers, persistent_workers=num_workers > 0,
                                        generator=torch.Generator().manual_seed(0))
 

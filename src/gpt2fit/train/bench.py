@@ -1,7 +1,4 @@
-"""`gpt2fit bench`: tokens/s, step time, MFU and peak memory of THE gpt2fit training step.
-
-    gpt2fit bench --preset gpt2 --micro_batch_size 16 --warmup 3 --steps 10 --baseline trainer \\
-        --grid grad_checkpointing=false,true optimizer=adamw,adamw8bit --out benchmarks/gpt2_h100.json
+"""`gpt2fit bench`: tokens/s, step time, MFU and peak memory of THE gpt2fit training step (example: EPILOG).
 
 Every cell of the grid is a real run: the TrainConfig `gpt2fit train` builds from the same options
 (a throwaway out_dir), ``train.setup`` and ``train.train_step`` (what ``fit`` calls) for W warm-up
@@ -14,11 +11,8 @@ also printed last); benchmarks/README.md says what each number means. `gpt2fit p
 measured MFU of the rows in benchmarks/*.json.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
-import gc
 import io
 import itertools
 import json
@@ -37,23 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils.memory import should_reduce_batch_size
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from gpt2fit import config, formats, options
 from gpt2fit.config import GPT2_VOCAB, ModelArgs, OptimArgs, TrainConfig
 from gpt2fit.errors import ArgumentParser, UserError, suggest
-from gpt2fit.hardware import flops_per_token, resolve_precision
+from gpt2fit.hardware import flops_per_token
 from gpt2fit.options import opt
 from gpt2fit.plan.memory import count_params_for_flops, dtype_name, estimate_memory, memory_settings, scratch_shape
 from gpt2fit.plan.planner import train_options
 from gpt2fit.prepare.tokenizers import build_char_tokenizer, fingerprint, load_tokenizer
 from gpt2fit.train.batches import make_loader
-from gpt2fit.train.bench_report import (
-    MEASUREMENTS, NOTES, add_mfu, attach_speedups, default_out, environment, shape_of, summary, table, write_outputs,
-)
-from gpt2fit.train.loop import setup, train_step
+from gpt2fit.train.bench_report import (MEASUREMENTS, NOTES, add_mfu, attach_speedups, default_out, environment,
+                                         shape_of, summary, table, write_outputs)
+from gpt2fit.train.loop import apply_cuda_settings, resolved_precision, setup, train_step
 from gpt2fit.train.model import build_config, build_model
 from gpt2fit.train.report import peak_memory_bytes
 from gpt2fit.units import parse_size
@@ -135,7 +128,8 @@ def parse_grid(groups: list[list[str]] | None) -> list[dict[str, Any]]:
             key, sep, raw = item.partition("=")
             key = key.strip().lstrip("-")
             if not sep or not key:
-                raise UserError(f"grid item {item!r} is not key=value[,value...]; e.g. --grid optimizer=adamw,adamw8bit")
+                raise UserError(f"grid item {item!r} is not key=value[,value...]; "
+                                "e.g. --grid optimizer=adamw,adamw8bit")
             if key not in GRID_KEYS:
                 if key in config.FIELDS:
                     why = _PLUMBING.get(key, "it does not change the training step")
@@ -161,13 +155,6 @@ def cell_config(values: dict[str, Any], steps: int) -> TrainConfig:
     cfg = TrainConfig(*options.build(config.SECTIONS, {**flat, "max_steps": steps, "report_to": "none"}))
     config.validate(cfg)
     return cfg
-
-
-def resolved_precision(cfg: TrainConfig) -> str:
-    """mixed_precision as train's Accelerator resolves it: auto -> bf16 on a GPU that has it, else no."""
-    cuda = torch.cuda.is_available()
-    return resolve_precision(cfg.run.mixed_precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-                             env=os.environ.get("ACCELERATE_MIXED_PRECISION"))
 
 
 def model_label(settings: dict) -> str:
@@ -303,12 +290,6 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def free_device_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def guarded(row: dict, device, fn) -> bool:
     """Run one cell (or baseline) with fresh Accelerate state; an OOM or any other failure becomes
     the row's ``oom`` / ``error`` and the grid goes on. Returns True on a failure that is not OOM."""
@@ -328,7 +309,7 @@ def guarded(row: dict, device, fn) -> bool:
         return True
     finally:  # the failed run's tensors go with the exception's frames; then the allocator's cache
         reset_accelerate()
-        free_device_memory()
+        clear_device_cache(garbage_collection=True)
     return False
 
 
@@ -337,8 +318,6 @@ def run_cell(row: dict, cfg: TrainConfig, settings: dict, *, data_dir: Path, war
     """Set up one real run from ``cfg`` and time warm-up + timed steps, filling ``row`` as it goes
     (so a cell that runs out of memory still has its settings and the planner's prediction)."""
     cfg.data.data_dir, cfg.run.out_dir = str(data_dir), tempfile.mkdtemp(prefix="cell-", dir=workdir)
-    if torch.cuda.is_available() and not cfg.run.max_memory:
-        torch.cuda.set_per_process_memory_fraction(1.0)  # undo an earlier cell's cap
     micro = config.micro_batch(cfg)
     if micro is not None and not cfg.model.init_from:  # predict before anything is allocated
         tok = formats.read_meta(data_dir)["tokenizer"]
@@ -388,16 +367,13 @@ def run_cell(row: dict, cfg: TrainConfig, settings: dict, *, data_dir: Path, war
                 verdicts.append(finite)
             times = clock.seconds()  # waits for the device
             row["timed_wall_s"] = time.perf_counter() - t
-        row.update(timing_fields(times, run.tokens_per_step), **memory_fields(device),
-                   skipped_steps=sum(not bool(f) for f in verdicts),
-                   loss=float(step_loss) / (run.micro * cfg.model.block_size * run.accum))
+        row.update(timing_fields(times, run.tokens_per_step), **memory_fields(device), skipped_steps=sum(
+            not bool(f) for f in verdicts), loss=float(step_loss) / (run.micro * cfg.model.block_size * run.accum))
         for kind in ("allocated", "reserved"):
             peak = row[f"peak_{kind}_bytes"]
             row[f"predicted_over_{kind}"] = row["predicted_peak_bytes"] / peak if peak else None
     finally:
-        del batches
-        if loader is not None:
-            del loader  # persistent workers exit with their iterator
+        del batches, loader  # persistent workers exit with their iterator
         a.free_memory()
         if cfg.model.compile:
             torch.compiler.reset()
@@ -416,11 +392,7 @@ def run_trainer_baseline(settings: dict, *, device, data_dir: Path, warmup: int,
     cfg = cell_config(settings, 1)
     micro, T, accum = int(cfg.optim.micro_batch_size), cfg.model.block_size, cfg.optim.grad_accum_steps
     cuda, mp = device.type == "cuda", resolved_precision(cfg)
-    if cuda:  # as setup() does for the gpt2fit cells
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.run.tf32
-        total = torch.cuda.get_device_properties(device).total_memory
-        cap = parse_size(cfg.run.max_memory) if cfg.run.max_memory else total
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    apply_cuda_settings(cfg, device)  # as setup() does for the gpt2fit cells
     tok = formats.read_meta(data_dir)["tokenizer"]
     model = build_model(cfg.model, int(tok["vocab_size"]), cfg.run.seed, eot_id=int(tok["eot_id"]))
     vocab_size = model.config.vocab_size
@@ -446,9 +418,8 @@ def run_trainer_baseline(settings: dict, *, device, data_dir: Path, warmup: int,
     targs = TrainingArguments(
         output_dir=str(workdir / "trainer"), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=warmup + steps, learning_rate=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay,
-        bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not cuda, report_to=[], logging_strategy="no",
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.run.seed,
-        log_level="error")
+        bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not cuda, report_to=[], logging_strategy="no", log_level="error",
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.run.seed)
     _reset_peaks(device)
     trainer = Trainer(model=model, args=targs, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
                       callbacks=[timer])
@@ -464,10 +435,9 @@ def run_trainer_baseline(settings: dict, *, device, data_dir: Path, warmup: int,
     # a step = on_step_end to on_step_end: data fetching (Trainer prefetches the accumulation window
     # before on_step_begin), forward/backward, clip, optimizer, scheduler, callbacks
     seconds, begins, ends = timer.clock.seconds, timer.begins, timer.ends
-    return {"precision": dtype_name(mp), "micro_batch_size": micro, "grad_accum_steps": accum,
+    return {"precision": dtype_name(mp), "micro_batch_size": micro, "grad_accum_steps": accum, "vocab_size": vocab_size,
             "tokens_per_step": micro * T * accum, "trainer_optim": str(getattr(targs.optim, "value", targs.optim)),
-            "vocab_size": vocab_size, "train_wall_s": wall,
-            "in_step_times_s": seconds(list(zip(begins[warmup:], ends[warmup:]))),
+            "train_wall_s": wall, "in_step_times_s": seconds(list(zip(begins[warmup:], ends[warmup:]))),
             "warmup_times_s": seconds(list(zip([begins[0]] + ends[:warmup - 1], ends[:warmup]))),
             **timing_fields(seconds(list(zip(ends[warmup - 1:-1], ends[warmup:]))), micro * T * accum),
             **memory_fields(device), **timer.warm_mem}
@@ -482,18 +452,17 @@ def run_bench(b: BenchArgs, fixed: dict, cells: list[dict], configs: list[TrainC
     varied = [k for k in dict.fromkeys(k for c in cells for k in c)
               if len({json.dumps(s.get(k), default=str) for s in settings_list}) > 1]
     out = Path(b.out) if b.out else default_out({model_label(s) for s in settings_list}, env["device"]["name"])
-    doc = {
-        "benchmark": "gpt2fit bench: training-step throughput, MFU and memory", "schema_version": SCHEMA_VERSION,
-        "command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
-        "flops": {"per_token": "6N + 12*L*C*T (forward + backward; PaLM appendix B / nanoGPT estimate_mfu)",
-                  "N": "plan.memory.count_params_for_flops: all parameters except wpe (tied wte/lm_head counted once)",
-                  "peak": "hardware.GPUS datasheet dense bf16 FLOP/s for mfu; matmul_peaks for mfu_measured_peak",
-                  "matmul_peaks": []},
-        "settings": {"warmup": b.warmup, "steps": b.steps, "fixed": fixed, "grid": groups or [], "varied": varied,
-                     "cells": len(cells), "data_dir": b.data_dir, "vocab_size": None if b.data_dir else b.vocab_size,
-                     "baseline": b.baseline, "max_memory": fixed.get("max_memory"), "n_processes": 1},
-        "rows": [], "baselines": [], "notes": NOTES,
-    }
+    doc = {"benchmark": "gpt2fit bench: training-step throughput, MFU and memory", "schema_version": SCHEMA_VERSION,
+           "command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
+           "flops": {"per_token": "6N + 12*L*C*T (forward + backward; PaLM appendix B / nanoGPT estimate_mfu)",
+                     "N": "plan.memory.count_params_for_flops: all parameters except wpe (tied wte/lm_head "
+                          "counted once)",
+                     "peak": "hardware.GPUS datasheet dense bf16 FLOP/s for mfu; matmul_peaks for mfu_measured_peak",
+                     "matmul_peaks": []},
+           "settings": {"warmup": b.warmup, "steps": b.steps, "fixed": fixed, "grid": groups or [], "varied": varied,
+                        "cells": len(cells), "data_dir": b.data_dir, "vocab_size": None if b.data_dir else b.vocab_size,
+                        "baseline": b.baseline, "max_memory": fixed.get("max_memory"), "n_processes": 1},
+           "rows": [], "baselines": [], "notes": NOTES}
     blank = {**dict.fromkeys(MEASUREMENTS), "oom": False, "error": None, "error_message": None}
     failures, peaks, datasheet_peak = 0, {}, env["device"].get("datasheet_bf16_flops")
 
@@ -507,7 +476,7 @@ def run_bench(b: BenchArgs, fixed: dict, cells: list[dict], configs: list[TrainC
             size = b.matmul_size or (8192 if device.type == "cuda" else 1024)
             peaks[prec] = matmul_peak(device, prec if device.type == "cuda" else "fp32", size)
             doc["flops"]["matmul_peaks"].append(peaks[prec])
-            free_device_memory()
+            clear_device_cache(garbage_collection=True)
         if row["tokens_per_s"] and row["flops_per_token"]:
             add_mfu(row, datasheet_peak, peaks.get(prec, {}).get("flops"))
         doc[kind].append(row)
@@ -592,8 +561,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    from gpt2fit.cli import run_main
-
-    sys.exit(run_main(main, sys.argv[1:]))

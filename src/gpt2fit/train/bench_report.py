@@ -1,8 +1,6 @@
 """What `gpt2fit bench` writes: the device and versions, MFU and Trainer speedups of its rows, the
 JSON + Markdown outputs and the table (also used by benchmarks/gpu/summarize.py)."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import platform
@@ -19,25 +17,25 @@ from gpt2fit.units import format_bytes, format_count
 
 NOTES = [
     "Every gpt2fit row runs gpt2fit.train.setup + train_step, the optimizer step `gpt2fit train` runs.",
-    "Step time: the timed steps run back to back; a CUDA event between steps marks each boundary (the host clock "
-    "on the CPU) and the device is synchronized once, after the last, so a step's time includes the GPU waiting "
-    "for the host (host_sync=step makes one sync per step, host_sync=log none). tokens_per_s = tokens_per_step * "
-    "steps / sum(step times); tokens_per_s_median = tokens_per_step / median.",
+    "Step time: the timed steps run back to back; a CUDA event between steps marks each boundary (the host clock on "
+    "the CPU) and the device is synchronized once, after the last, so a step's time includes the GPU waiting for the "
+    "host (host_sync=step makes one sync per step, host_sync=log none). tokens_per_s = tokens_per_step * steps / "
+    "sum(step times); tokens_per_s_median = tokens_per_step / median.",
     "MFU = tokens_per_s * flops_per_token / peak, flops_per_token = 6N + 12*L*C*T (PaLM appendix B, nanoGPT), N = "
     "every parameter except wpe (tied wte/lm_head once); mfu: the datasheet dense bf16 peak (hardware.GPUS), "
     "mfu_measured_peak: the matmul rate measured in this run at the row's precision.",
-    "Memory on CUDA: max_memory_allocated / max_memory_reserved over the timed steps (warmup_*: setup and "
-    "warm-up), without the CUDA context (~0.5-0.8 GiB). predicted_peak_bytes = plan.memory.estimate_memory(...)"
-    ".total for the row's settings (256 MiB workspace and 10% fragmentation included); the planner targets +-10% "
-    "of peak_reserved_bytes. sdpa_backend=math and compile change memory in ways it does not model.",
-    "Trainer baseline: step time from one on_step_end to the next (so it includes the Trainer's batch "
-    "prefetch); in_step_times_s is on_step_begin to on_step_end.",
+    "Memory on CUDA: max_memory_allocated / max_memory_reserved over the timed steps (warmup_*: setup and warm-up), "
+    "without the CUDA context (~0.5-0.8 GiB). predicted_peak_bytes = plan.memory.estimate_memory(...).total for the "
+    "row's settings (256 MiB workspace and 10% fragmentation included); the planner targets +-10% of "
+    "peak_reserved_bytes. sdpa_backend=math and compile change memory in ways it does not model.",
+    "Trainer baseline: step time from one on_step_end to the next (so it includes the Trainer's batch prefetch); "
+    "in_step_times_s is on_step_begin to on_step_end.",
 ]
 # every row has every key; a cell that fails (OOM, error) keeps None where it got no number
 MEASUREMENTS = ("precision", "micro_batch_size", "grad_accum_steps", "tokens_per_step", "n_processes", "n_params",
-                "n_params_for_flops", "flops_per_token", "vocab_size", "setup_s", "tokens_per_s",
-                "tokens_per_s_median", "step_time_median_s", "step_time_p90_s", "step_time_mean_s", "step_times_s",
-                "warmup_times_s", "timed_wall_s", "skipped_steps", "loss", "mfu", "mfu_measured_peak", "achieved_flops",
+                "n_params_for_flops", "flops_per_token", "vocab_size", "setup_s", "tokens_per_s", "tokens_per_s_median",
+                "step_time_median_s", "step_time_p90_s", "step_time_mean_s", "step_times_s", "warmup_times_s",
+                "timed_wall_s", "skipped_steps", "loss", "mfu", "mfu_measured_peak", "achieved_flops",
                 "matmul_peak_flops", "peak_allocated_bytes", "peak_reserved_bytes", "warmup_peak_allocated_bytes",
                 "warmup_peak_reserved_bytes", "peak_rss_bytes", "memory_kind", "memory_at_failure",
                 "predicted_peak_bytes", "predicted_memory", "predicted_over_allocated", "predicted_over_reserved",
@@ -71,12 +69,10 @@ def _git_commit() -> str | None:
 
 
 def _cpu_name() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -91,11 +87,10 @@ def environment(device) -> dict:
                    driver=_run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"))
     else:
         dev.update(name=str(device), gpu_key=None, datasheet_bf16_flops=None)
+    dists = ("transformers", "accelerate", "bitsandbytes", "numpy", "triton", "flash-attn", "liger-kernel")
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    for dist in ("transformers", "accelerate", "bitsandbytes", "numpy", "triton", "flash-attn", "liger-kernel"):
-        versions[dist.replace("-", "_")] = _version(dist)
-    versions["platform"] = platform.platform()
+                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                **{d.replace("-", "_"): _version(d) for d in dists}, "platform": platform.platform()}
     return {"device": dev, "versions": versions, "gpt2fit": {"version": __version__, "commit": _git_commit()}}
 
 
@@ -127,9 +122,7 @@ def _pct(x) -> str:
 
 
 def _short(v) -> str:
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    return "" if v is None else str(v)
+    return ("on" if v else "off") if isinstance(v, bool) else "" if v is None else str(v)
 
 
 def table(doc: dict) -> str:
@@ -138,9 +131,8 @@ def table(doc: dict) -> str:
     cuda = doc["device"]["type"] == "cuda"
     keys = [k for k in doc["settings"]["varied"] if k not in ("preset", "n_layer", "n_head", "n_embd", "init_from")]
     multi_model = len({r.get("model") for r in rows + baselines}) > 1
-    head = ["id"] + (["model"] if multi_model else []) + keys + [
-        "tok/s", "step ms (med)", "p90 ms", "MFU", "MFU (meas. peak)"]
-    head += ["peak alloc", "reserved"] if cuda else ["peak RSS"]
+    head = ["id", *(["model"] if multi_model else []), *keys, "tok/s", "step ms (med)", "p90 ms", "MFU",
+            "MFU (meas. peak)", *(["peak alloc", "reserved"] if cuda else ["peak RSS"])]
     head += ["predicted", "pred/reserved" if cuda else "pred/RSS", "vs Trainer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
@@ -174,7 +166,8 @@ def table(doc: dict) -> str:
         + f"; measured: {mm or 'n/a'}",
         f"torch {v['torch']} (CUDA {v['cuda']}), transformers {v['transformers']}, accelerate {v['accelerate']}, "
         f"bitsandbytes {v['bitsandbytes']}; gpt2fit {doc['gpt2fit']['commit']}",
-        f"fixed: {fixed}; {doc['settings']['warmup']} warm-up + {doc['settings']['steps']} timed optimizer steps per cell",
+        f"fixed: {fixed}; {doc['settings']['warmup']} warm-up + {doc['settings']['steps']} timed optimizer steps "
+        "per cell",
         "tok/s = tokens per optimizer step x timed steps / their total time; MFU = tok/s x (6N + 12LCT) / peak, "
         "N = all parameters except wpe" + ("" if cuda else "; on the CPU there is no datasheet peak, and memory is "
                                            "the peak RSS of the whole process"),

@@ -1,21 +1,18 @@
 """Checkpoints: atomic, verified, rotated; the final Hugging Face export.
 
 A checkpoint is written by ``Accelerator.save_state`` into ``checkpoints/.tmp-step_<N>/``, then
-``trainer_state.json`` (step, data position, counters) and ``MANIFEST.json`` (every file, its
-size and its xxh3-128 hash) are added, every file is fsynced, and the directory is renamed to ``step_<N>`` (and the
-rename fsynced). A rename is atomic, so a dir named ``step_<N>`` is always complete, also after a
-power cut; a kill mid-save leaves only a ``.tmp-*`` dir, which is ignored
-and cleaned up. Resuming checks every file's hash first, so a checkpoint damaged in any byte (a
-bad disk, a copy cut short, a file overwritten in place) fails with a message naming the file
-instead of resuming silently from wrong state; ``--resume auto`` then falls back to the newest
-intact checkpoint and keeps the damaged one, renamed ``damaged-step_<N>``. xxh3 hashes at ~11 GB/s
-in memory, so the cost is the disk read (benchmarks/checkpoint_hash/). Under DeepSpeed, save_state
-writes DeepSpeed's own sharded format (``pytorch_model/*.pt``, pickles that DeepSpeed loads in full,
-not weights-only: resume only from checkpoints you wrote); under FSDP, torch.distributed.checkpoint
-shards. The manifest covers every file either way.
+``trainer_state.json`` (step, data position, counters) and ``MANIFEST.json`` (every file, its size
+and its xxh3-128 hash) are added, every file is fsynced, and the directory is renamed to ``step_<N>``
+(and the rename fsynced). A rename is atomic, so a dir named ``step_<N>`` is always complete, also
+after a power cut; a kill mid-save leaves only a ``.tmp-*`` dir, which is ignored and cleaned up.
+Resuming checks every file's hash first, so a checkpoint damaged in any byte (a bad disk, a copy cut
+short, a file overwritten in place) fails with a message naming the file instead of resuming silently
+from wrong state; ``--resume auto`` then falls back to the newest intact checkpoint and keeps the
+damaged one, renamed ``damaged-step_<N>``. xxh3 hashes at ~11 GB/s in memory, so the cost is the disk
+read (benchmarks/checkpoint_hash/). Under DeepSpeed, save_state writes DeepSpeed's own sharded format
+(``pytorch_model/*.pt``, pickles that DeepSpeed loads in full, not weights-only: resume only from
+checkpoints you wrote); under FSDP, torch.distributed.checkpoint shards. The manifest covers all.
 """
-
-from __future__ import annotations
 
 import errno
 import json
@@ -28,12 +25,9 @@ import xxhash
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from gpt2fit import formats
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.evaluate.model import save_tokenizer
 
-STATE = formats.CKPT_STATE
-MANIFEST = formats.CKPT_MANIFEST
-ckpt_root = formats.checkpoint_root
 step_dir = formats.checkpoint_dir
 complete_checkpoints = formats.complete_checkpoints
 
@@ -50,13 +44,13 @@ def file_hash(path: Path, chunk: int = 16 * 2**20) -> str:
 def verify(path: Path) -> dict:
     """Check every file of a checkpoint against its manifest (size, then hash); return its trainer state."""
     path = Path(path)
-    manifest_path = path / MANIFEST
+    manifest_path = path / formats.CKPT_MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"checkpoint {path} is incomplete (no {MANIFEST}); it was interrupted while saving. "
-                        "Use --resume auto to pick the newest complete one.")
+        raise UserError(f"checkpoint {path} is incomplete (no {formats.CKPT_MANIFEST}); it was interrupted while "
+                        "saving. Use --resume auto to pick the newest complete one.")
     try:
         manifest = json.loads(manifest_path.read_text())
-        state = json.loads((path / STATE).read_text())
+        state = json.loads((path / formats.CKPT_STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {path} is damaged ({e}); resume from an earlier one.") from None
     for rel, entry in manifest["files"].items():
@@ -95,17 +89,18 @@ def save(accelerator, run_dir, step: int, state: dict, keep: int) -> Path:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
+            (tmp / formats.CKPT_STATE).write_text(json.dumps(state, indent=2))
             paths_ = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
             for p in paths_:  # on disk before the rename, or a power cut could leave step_<N> with holes
-                _fsync(p)
+                formats.fsync(p)
             files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "xxh3_128": file_hash(p)} for p in paths_}
-            _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
-            _fsync(tmp)
+            (tmp / formats.CKPT_MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+            formats.fsync(tmp / formats.CKPT_MANIFEST)
+            formats.fsync(tmp)
             if final.exists():  # re-saving the same step (e.g. a resumed, already finished run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(final.parent)  # and the rename itself
+            formats.fsync(final.parent)  # and the rename itself
             rotate(run_dir, keep)
     except Exception as e:  # torch.save raises RuntimeError, safetensors SafetensorError on a full disk
         free = shutil.disk_usage(final.parent).free  # before the temp dir is removed and frees its space
@@ -122,28 +117,12 @@ def save(accelerator, run_dir, step: int, state: dict, keep: int) -> Path:
     return final
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def rotate(run_dir, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and leftover temp dirs."""
     ckpts = complete_checkpoints(run_dir)
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in ckpt_root(run_dir).glob(".tmp-*"):
+    for tmp in (Path(run_dir) / formats.CHECKPOINTS).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -191,20 +170,16 @@ def load(accelerator, path: Path) -> None:
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:300]
-        raise UserError(f"cannot resume from {path}: {first}. Did the model shape or optimizer change since "
-                        "it was saved? Resume with the run's own config.yaml settings, or start a new out_dir.") \
-            from None
+        raise UserError(f"cannot resume from {path}: {first_line(e)[:300]}. Did the model shape or optimizer change "
+                        "since it was saved? Resume with the run's own config.yaml settings, or start a new "
+                        "out_dir.") from None
 
 
 def export_final(accelerator, model, tokenizer, run_dir) -> Path:
     """Write final/ (safetensors, config, generation config, tokenizer) atomically: a model dir that
     transformers 4.x and 5.x load (``save_tokenizer``), its generation config the model's own (as
-    stock GPT-2's: bos/eos, greedy unless asked).
-
-    ``model`` is the prepared ``CausalLM``; every rank calls this (FSDP/DeepSpeed gather the full
-    state dict collectively), the main process writes.
-    """
+    stock GPT-2's: bos/eos, greedy unless asked). ``model`` is the prepared ``CausalLM``; every rank
+    calls this (FSDP/DeepSpeed gather the full state dict collectively), the main process writes."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision != "no":
         # DeepSpeed's module holds 16-bit copies; gather the fp32 master weights (every rank calls this)
         from deepspeed.utils import safe_get_full_fp32_param

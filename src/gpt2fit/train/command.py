@@ -9,8 +9,6 @@ Exit codes: 0 done, 2 bad input, 75 stopped by SIGTERM/SIGINT after saving a che
 same command with --resume auto).
 """
 
-from __future__ import annotations
-
 import math
 import sys
 import time
@@ -19,7 +17,7 @@ import torch
 from huggingface_hub import constants
 
 from gpt2fit import formats
-from gpt2fit.config import TrainConfig, parse_config
+from gpt2fit.config import parse_config
 from gpt2fit.errors import UserError
 from gpt2fit.evaluate.plot import plot_runs
 from gpt2fit.evaluate.sample import generate
@@ -36,11 +34,18 @@ def main(argv=None) -> int:
     if print_only:
         print(cfg.to_yaml(), end="")
         return 0
-    check_push(cfg)
+    r = cfg.run
+    if r.push_to_hub:  # fails now, not after a week of training
+        check_repo_id(r.hub_model_id)
+        if constants.HF_HUB_OFFLINE:
+            raise UserError("--push_to_hub needs the network but HF_HUB_OFFLINE is set; unset it, or drop "
+                            "--push_to_hub and push later with `gpt2fit push RUN_DIR --repo_id ...`.")
     run = setup(cfg)
-    pusher = make_pusher(cfg, run) if cfg.run.push_to_hub and run.accelerator.is_main_process else None
-    on_checkpoint = None
-    if pusher is not None and cfg.run.hub_push_checkpoints:
+    pusher = on_checkpoint = None
+    if r.push_to_hub and run.accelerator.is_main_process:  # checkpoints: config and tokenizer of the live model
+        pusher = BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision,
+                                  template=(run.accelerator.unwrap_model(run.model).lm, run.tokenizer))
+    if pusher is not None and r.hub_push_checkpoints:
         def on_checkpoint(path, step):  # a complete model on branch step<N>
             pusher.submit(str(path), commit_message=f"checkpoint step {step}")
     try:
@@ -48,23 +53,6 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError:
         raise UserError(oom_message(run)) from None
     return finish(run, status, wall_start, pusher)
-
-
-def check_push(cfg: TrainConfig) -> None:
-    """--push_to_hub fails now, not after a week of training."""
-    if not cfg.run.push_to_hub:
-        return
-    check_repo_id(cfg.run.hub_model_id)
-    if constants.HF_HUB_OFFLINE:
-        raise UserError("--push_to_hub needs the network but HF_HUB_OFFLINE is set; unset it, or drop "
-                        "--push_to_hub and push later with `gpt2fit push RUN_DIR --repo_id ...`.")
-
-
-def make_pusher(cfg: TrainConfig, run: Run) -> BackgroundPusher:
-    """Checkpoints are pushed as complete models: config and tokenizer come from the live model."""
-    r = cfg.run
-    return BackgroundPusher(r.hub_model_id, private=r.hub_private, revision=r.hub_revision,
-                            template=(run.accelerator.unwrap_model(run.model).lm, run.tokenizer))
 
 
 def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
@@ -76,10 +64,10 @@ def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
                "best_val_loss": state["best_val_loss"], "skipped_steps": state["skipped_steps"],
                "init_from": cfg.model.init_from, "preset": cfg.model.preset, "data_dir": cfg.data.data_dir,
                "dataset": run.meta.get("source", {}).get("inputs") or run.meta.get("source", {}).get("dataset"),
-               "n_params": run.n_params,
-               "device": device_name(a), "num_processes": a.num_processes, "mixed_precision": a.mixed_precision,
-               "flops_per_token": run.flops_per_token,
-               "tokens_per_step": run.tokens_per_step, "wall_time_s": round(time.time() - wall_start, 1)}
+               "n_params": run.n_params, "num_processes": a.num_processes, "mixed_precision": a.mixed_precision,
+               "device": torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else str(a.device),
+               "flops_per_token": run.flops_per_token, "tokens_per_step": run.tokens_per_step,
+               "wall_time_s": round(time.time() - wall_start, 1)}
     if status == "completed":
         summary["final_dir"] = str(ckpt.export_final(a, run.model, run.tokenizer, run.out_dir))
     if a.is_main_process:
@@ -114,10 +102,6 @@ def finish(run: Run, status: str, wall_start: float, pusher=None) -> int:
             url = repo_url(None, cfg.run.hub_model_id, cfg.run.hub_revision)
             print(pusher.report() if failures else f"pushed to {url}")
     return 0
-
-
-def device_name(a) -> str:
-    return torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else str(a.device)
 
 
 def oom_message(run: Run) -> str:

@@ -9,8 +9,6 @@ The loss is weighted per token over the whole step: every micro-batch contribute
 ``sum(token losses) / tokens_in_step``, so accumulation 4 x batch 2 equals batch 8 exactly.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import logging
 import math
@@ -70,13 +68,12 @@ class Run:
     log: object
     out_dir: Path
     start_step: int = 0
-    state: dict = field(default_factory=dict)
+    state: dict = field(default_factory=lambda: {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0,
+                                                 "loss_ema": None, "best_val_loss": None, "elapsed_s": 0.0})
     hellaswag: list | None = None  # the fixed subset scored during training
 
 
-# ------------------------------------------------------------------------------------------
-# setup
-# ------------------------------------------------------------------------------------------
+# -- setup ---------------------------------------------------------------------------------
 def preflight(cfg: TrainConfig):
     """Every check that can fail on user input, before anything is written to out_dir."""
     if not cfg.data.data_dir:
@@ -86,9 +83,8 @@ def preflight(cfg: TrainConfig):
     d = cfg.data
     if d.prepare_from and not (Path(d.data_dir) / formats.META).is_file():
         prepare_data(cfg)
-    meta = formats.read_meta(cfg.data.data_dir)
-    train_data = formats.open_split(cfg.data.data_dir, "train", meta)
-    val_data = formats.open_split(cfg.data.data_dir, "val", meta)
+    meta = formats.read_meta(d.data_dir)
+    train_data, val_data = (formats.open_split(d.data_dir, split, meta) for split in ("train", "val"))
     tok_dir = Path(cfg.data.data_dir) / formats.TOKENIZER_DIR
     tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else meta["tokenizer"]["name_or_path"])
     if cfg.model.init_from:
@@ -100,10 +96,9 @@ def preflight(cfg: TrainConfig):
                 base_tok = None
             data_fp = meta["tokenizer"].get("fingerprint")
             if base_tok is not None and data_fp and fingerprint(base_tok) != data_fp:
-                raise UserError(
-                    f"{cfg.data.data_dir} was prepared with tokenizer {meta['tokenizer']['name_or_path']!r}, "
-                    f"not {cfg.model.init_from!r}'s; the ids would mean other words. Prepare again with "
-                    f"`gpt2fit prepare --tokenizer {cfg.model.init_from} --input ... --out_dir ...`.")
+                raise UserError(f"{d.data_dir} was prepared with tokenizer {meta['tokenizer']['name_or_path']!r}, "
+                                f"not {cfg.model.init_from!r}'s; the ids would mean other words. Prepare again with "
+                                f"`gpt2fit prepare --tokenizer {cfg.model.init_from} --input ... --out_dir ...`.")
             if base_tok is not None:
                 tokenizer = base_tok
     if len(val_data) < 2:
@@ -173,10 +168,23 @@ def prepare_out_dir(cfg: TrainConfig, accelerator) -> tuple[Path | None, dict | 
     return resume_from, state
 
 
-def make_accelerator(cfg: TrainConfig):
+def resolved_precision(cfg: TrainConfig) -> str:
+    """mixed_precision as the Accelerator gets it: auto -> bf16 on a GPU that has it, else no."""
     cuda = torch.cuda.is_available()
-    mp = hardware.resolve_precision(cfg.run.mixed_precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-                                    env=os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    return hardware.resolve_precision(cfg.run.mixed_precision, cuda=cuda, env=os.environ.get(
+        "ACCELERATE_MIXED_PRECISION"), bf16_supported=cuda and torch.cuda.is_bf16_supported())
+
+
+def apply_cuda_settings(cfg: TrainConfig, device) -> None:
+    """TF32 and the --max_memory cap (also for the bench's Trainer baseline)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = parse_size(cfg.run.max_memory) if cfg.run.max_memory else total
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+
+
+def make_accelerator(cfg: TrainConfig):
     # tied wte/lm_head: safetensors stores the shared tensor once; accelerate warns on every save
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     trackers = [t.strip() for t in cfg.run.report_to.split(",") if t.strip() not in ("none", "")]
@@ -195,11 +203,8 @@ def make_accelerator(cfg: TrainConfig):
     # without --compile, an `accelerate config` dynamo setting (environment) still applies
     dynamo = TorchDynamoPlugin(backend="inductor", mode=m.compile_mode,
                                use_regional_compilation=m.compile_scope == "blocks") if m.compile else None
-    return Accelerator(
-        mixed_precision=mp, log_with=trackers or None, project_dir=cfg.run.out_dir,
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-        dynamo_plugin=dynamo,
-    )
+    return Accelerator(mixed_precision=resolved_precision(cfg), log_with=trackers or None, project_dir=cfg.run.out_dir,
+                       dynamo_plugin=dynamo, step_scheduler_with_optimizer=False)  # we step it once per optimizer step
 
 
 def configure_engine(accelerator, micro: int, accum: int, oargs) -> None:
@@ -242,13 +247,7 @@ def setup(cfg: TrainConfig) -> Run:
     lm = build_model(cfg.model, vocab, cfg.run.seed, eot_id=int(meta["tokenizer"]["eot_id"]))
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
-        if cfg.run.max_memory:
-            cap = parse_size(cfg.run.max_memory)
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    apply_cuda_settings(cfg, device)
     if cfg.model.block_size > lm.config.n_positions:
         raise UserError(f"block_size={cfg.model.block_size} exceeds the model's n_positions="
                         f"{lm.config.n_positions}; lower --block_size.")
@@ -256,22 +255,16 @@ def setup(cfg: TrainConfig) -> Run:
         formats.check_token_ids(Path(cfg.data.data_dir) / f"{split}.bin", data, lm.config.vocab_size)
     model = CausalLM(lm, cfg.model.loss_chunk_size)
     world = accelerator.num_processes
-    micro = micro_batch(cfg)
-    if micro is None:
-        micro = auto_micro_batch(cfg, model, accelerator)
+    micro = micro_batch(cfg) or auto_micro_batch(cfg, model, accelerator)  # None: auto
     accum = grad_accum_for(cfg, micro, world)
     configure_engine(accelerator, micro, accum, cfg.optim)
     tokens_per_step = micro * cfg.model.block_size * accum * world
     batches = WindowBatches(train_data, cfg.model.block_size, micro, seed=cfg.run.seed,
                             rank=accelerator.process_index, world=world, sampling=cfg.data.sampling)
-    steps = []
-    if cfg.run.max_steps is not None:
-        steps.append(cfg.run.max_steps)
-    if cfg.run.max_tokens is not None:
-        steps.append(math.ceil(parse_count(cfg.run.max_tokens, "max_tokens") / tokens_per_step))
-    if cfg.run.epochs is not None:
-        steps.append(math.ceil(cfg.run.epochs * batches.samples_per_epoch / (micro * world * accum)))
-    total_steps = max(1, min(steps))
+    r = cfg.run  # the first stopping point reached (preflight made sure there is one)
+    steps = [r.max_steps, r.max_tokens and math.ceil(parse_count(r.max_tokens, "max_tokens") / tokens_per_step),
+             r.epochs and math.ceil(r.epochs * batches.windows / (micro * world * accum))]
+    total_steps = max(1, min(s for s in steps if s is not None))
     optimizer = build_optimizer(model, cfg.optim, device.type, fused=cfg.run.host_sync == "log")
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     n = n_params(lm)  # (before prepare: ZeRO-3 and FSDP leave each process a shard)
@@ -285,11 +278,8 @@ def setup(cfg: TrainConfig) -> Run:
                                                      if isinstance(v, (int, float, str, bool))})
     run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               tokenizer=tokenizer, train_batches=batches, val_data=val_data, micro=micro, accum=accum,
-              total_steps=total_steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
-              n_params=n, meta=meta,
+              total_steps=total_steps, tokens_per_step=tokens_per_step, flops_per_token=fpt, n_params=n, meta=meta,
               log=MetricsLog(cfg.run.out_dir, accelerator, trackers), out_dir=Path(cfg.run.out_dir))
-    run.state = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0, "loss_ema": None,
-                 "best_val_loss": None, "elapsed_s": 0.0}
     if cfg.run.hellaswag:
         run.hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
                                          seed=cfg.run.seed)
@@ -299,7 +289,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.start_step = run.state["step"]
         run.log.truncate_after(run.start_step)
     if accelerator.is_main_process:
-        formats.write_text_atomic(run.out_dir / formats.CONFIG, cfg.to_yaml())
+        formats.write_atomic(run.out_dir / formats.CONFIG, cfg.to_yaml())
     announce(run, resume_from)
     return run
 
@@ -311,8 +301,8 @@ def announce(run: Run, resume_from) -> None:
     world = a.num_processes
     train_tokens = run.meta["splits"]["train"]["tokens"]
     epochs = run.total_steps * run.tokens_per_step / max(train_tokens, 1)
-    src = f"init_from {cfg.model.init_from}" if cfg.model.init_from else (
-        f"preset {cfg.model.preset}" if cfg.model.preset else "custom")
+    m = cfg.model
+    src = f"init_from {m.init_from}" if m.init_from else f"preset {m.preset}" if m.preset else "custom"
     print(f"model: GPT-2 {run.n_params / 1e6:.2f}M parameters ({src}), block {cfg.model.block_size}, "
           f"vocab {run.meta['tokenizer']['vocab_size']}")
     print(f"device: {a.device} x {world} process(es), mixed precision {a.mixed_precision}, "
@@ -326,26 +316,20 @@ def announce(run: Run, resume_from) -> None:
         print(f"resuming from {resume_from} at step {run.start_step}")
 
 
-# ------------------------------------------------------------------------------------------
-# validate
-# ------------------------------------------------------------------------------------------
+# -- validate ------------------------------------------------------------------------------
 def validate(run: Run) -> float:
     """Token-weighted mean loss over the same fixed validation windows every time: the estimator
     `gpt2fit eval` uses (gpt2fit.evaluate.perplexity), so the two agree on the same checkpoint."""
-    r = run.cfg.run
     return windowed_loss(run.model, run.val_data, run.cfg.model.block_size, batch_size=run.micro,
-                         max_windows=r.eval_batches * run.micro or None, accelerator=run.accelerator)["loss"]
+                         max_windows=run.cfg.run.eval_batches * run.micro or None, accelerator=run.accelerator)["loss"]
 
 
-# ------------------------------------------------------------------------------------------
-# fit
-# ------------------------------------------------------------------------------------------
+# -- fit -----------------------------------------------------------------------------------
 class StopSignal:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit 75. Second SIGINT: abort now."""
 
     def __init__(self):
-        self.requested = None
-        self._old = {}
+        self.requested, self._old = None, {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,8 +27,6 @@ nothing is shifted here. Rows whose target is ``ignore_index`` add nothing to th
 zero gradient.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 
@@ -42,26 +40,11 @@ DEFAULT_CHUNK_SIZE = 1024
 _VOCAB_SLICE = 8192  # rows of the weight gradient accumulated at a time; plan.memory.LOSS_VOCAB_SLICE mirrors it
 
 
-def lm_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Sum of token cross-entropies of ``hidden @ weight.T`` against ``targets``.
-
-    Args:
-        hidden: [B, T, C] (or [N, C]) final hidden states (after ``ln_f``), any float dtype.
-        weight: [V, C] the lm_head weight (tied to ``wte`` in GPT-2).
-        targets: [B, T] (or [N]) integer token ids; ``ignore_index`` marks rows without a target.
-        chunk_size: rows per chunk for the chunked implementation; ``None`` (or 0) means plain.
-        ignore_index: target value that contributes no loss and no gradient.
-
-    Returns:
-        0-dim float32 tensor (float64 when the inputs are float64): the SUM over target tokens.
-    """
+def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int | None = None,
+            ignore_index: int = -100) -> torch.Tensor:
+    """Sum of token cross-entropies of ``hidden @ weight.T`` against ``targets`` (see the module
+    docstring). ``hidden``: [B, T, C] or [N, C] after ``ln_f``; ``weight``: [V, C], the lm_head
+    (tied to ``wte``); ``targets``: [B, T] or [N] ids; ``chunk_size`` None or 0: the plain path."""
     if chunk_size is not None and int(chunk_size) < 0:
         raise UserError(f"loss chunk_size must be a positive number of rows, got {chunk_size!r}")
     h2, t1 = _flatten(hidden, weight, targets)
@@ -83,7 +66,8 @@ def _flatten(hidden, weight, targets):
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim {tuple(hidden.shape[:-1])}")
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim "
+                         f"{tuple(hidden.shape[:-1])}")
     if targets.dtype != torch.long:
         targets = targets.long()
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

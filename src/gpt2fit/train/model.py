@@ -5,8 +5,7 @@ losses: the training step divides by the tokens in the whole optimizer step (tok
 accumulation), and Accelerate's DDP/FSDP wrappers see the loss computation as part of the model.
 """
 
-from __future__ import annotations
-
+import importlib.util
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from gpt2fit import formats
 from gpt2fit.config import PRESETS
-from gpt2fit.errors import UserError
+from gpt2fit.errors import UserError, first_line
 from gpt2fit.evaluate.model import LOAD_ERRORS, load_error
 from gpt2fit.train.loss import lm_loss
 
@@ -27,33 +26,22 @@ from gpt2fit.train.loss import lm_loss
 GELU = "gelu_pytorch_tanh"
 
 
-def padded_vocab(vocab_size: int, multiple: int) -> int:
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 def build_config(margs, vocab_size: int, eot_id: int):
     """A GPT2Config from a preset and/or explicit sizes; n_positions = block_size."""
-    dims = dict(PRESETS.get(margs.preset or "gpt2"))
-    for k in ("n_layer", "n_head", "n_embd"):
-        if getattr(margs, k) is not None:
-            dims[k] = getattr(margs, k)
+    preset = PRESETS[margs.preset or "gpt2"]
+    dims = {k: preset[k] if getattr(margs, k) is None else getattr(margs, k) for k in preset}
     if dims["n_embd"] % dims["n_head"]:
         raise UserError(f"n_embd={dims['n_embd']} must be divisible by n_head={dims['n_head']}.")
-    return GPT2Config(
-        vocab_size=padded_vocab(vocab_size, margs.pad_vocab_to), n_positions=margs.block_size,
-        resid_pdrop=margs.dropout, embd_pdrop=margs.dropout, attn_pdrop=margs.dropout,
-        bos_token_id=eot_id, eos_token_id=eot_id,
-        activation_function=margs.activation_function, **dims,
-    )
+    padded = math.ceil(vocab_size / margs.pad_vocab_to) * margs.pad_vocab_to
+    return GPT2Config(vocab_size=padded, n_positions=margs.block_size,
+                      resid_pdrop=margs.dropout, embd_pdrop=margs.dropout, attn_pdrop=margs.dropout,
+                      bos_token_id=eot_id, eos_token_id=eot_id, activation_function=margs.activation_function, **dims)
 
 
 def _attn_impl(requested: str) -> str:
-    if requested == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise UserError("attn_implementation='flash_attention_2' needs the flash-attn package "
-                            "(pip install flash-attn); or use sdpa, which uses flash kernels too.") from None
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("attn_implementation='flash_attention_2' needs the flash-attn package "
+                        "(pip install flash-attn); or use sdpa, which uses flash kernels too.")
     return requested
 
 
@@ -62,15 +50,15 @@ def load_pretrained(init_from: str, margs):
     src = formats.resolve_model_path(init_from)
     local = Path(src)
     if local.exists():
-        missing = [f for f in ("config.json",) if not (local / f).is_file()]
-        has_weights = any(local.glob("*.safetensors"))
-        if missing or not has_weights:
-            raise UserError(f"init_from {init_from!r} is missing {', '.join(missing + ([] if has_weights else ['*.safetensors weights']))}; "
+        missing = [what for what, ok in (("config.json", (local / "config.json").is_file()),
+                                         ("*.safetensors weights", any(local.glob("*.safetensors")))) if not ok]
+        if missing:
+            raise UserError(f"init_from {init_from!r} is missing {', '.join(missing)}; "
                             "point it at a dir saved with save_pretrained (safetensors).")
     try:
         config = AutoConfig.from_pretrained(src)
     except OSError as e:
-        raise UserError(f"cannot load init_from {init_from!r}: {str(e).splitlines()[0]} "
+        raise UserError(f"cannot load init_from {init_from!r}: {first_line(e)} "
                         "Give a Hub id (gpt2-medium) or a local model dir.") from None
     if config.model_type != "gpt2":
         raise UserError(f"init_from {init_from!r} is a {config.model_type!r} model; gpt2fit finetunes "
@@ -86,9 +74,8 @@ def load_pretrained(init_from: str, margs):
     if local.exists():  # a local load needs no progress bar (a Hub download keeps its own)
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, config=config, dtype=torch.float32, attn_implementation=_attn_impl(margs.attn_implementation),
-            use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32, use_safetensors=True,
+                                                     attn_implementation=_attn_impl(margs.attn_implementation))
     except LOAD_ERRORS as e:
         raise load_error(init_from, src, e) from None
     finally:
@@ -97,18 +84,14 @@ def load_pretrained(init_from: str, margs):
     return model
 
 
-def freeze_biases(model) -> list[str]:
+def freeze_biases(model) -> None:
     """nanoGPT's ``bias=False`` on a standard GPT2LMHeadModel: every bias parameter is zeroed and
     excluded from training, so the function computed is the bias-free model's, while the weights
-    stay loadable by any GPT-2 code. Returns the names frozen."""
-    names = []
+    stay loadable by any GPT-2 code."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
-                p.zero_()
-                p.requires_grad_(False)
-                names.append(name)
-    return names
+                p.zero_().requires_grad_(False)
 
 
 def build_model(margs, vocab_size: int, seed: int, eot_id: int):
@@ -142,10 +125,7 @@ def enable_checkpointing(model) -> None:
 
 
 def n_params(model, non_embedding: bool = False) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        n -= model.transformer.wpe.weight.numel()
-    return n
+    return sum(p.numel() for p in model.parameters()) - (model.transformer.wpe.weight.numel() if non_embedding else 0)
 
 
 class CausalLM(nn.Module):

@@ -5,8 +5,6 @@ token embedding. Biases, LayerNorms (ln_1, ln_2, ln_f) and the position embeddin
 (the transformers example's name-based no-decay list misses GPT-2's ``ln_*``; shape is robust).
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -28,12 +26,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def decay_param_names(model) -> tuple[list[str], list[str]]:
     """(names with decay, names without), for logging and tests."""
-    groups = param_groups(model, 1.0)
-    ids = {id(p) for p in groups[0]["params"]}
+    decay = {id(p) for p in param_groups(model, 1.0)[0]["params"]}
     named = dict(model.named_parameters())
-    yes = [n for n, p in named.items() if id(p) in ids]
-    no = [n for n, p in named.items() if id(p) not in ids]
-    return yes, no
+    return [n for n, p in named.items() if id(p) in decay], [n for n, p in named.items() if id(p) not in decay]
 
 
 def build_optimizer(model, oargs, device_type: str, fused: bool = False):

@@ -5,8 +5,6 @@ while training is decided here.
 metrics.jsonl rows (the run-dir contract in formats.py): ``kind`` train / eval / hellaswag / skip.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import resource
@@ -26,9 +24,7 @@ class MetricsLog:
 
     def __init__(self, run_dir, accelerator, trackers: bool):
         self.path = Path(run_dir) / formats.METRICS
-        self.accelerator = accelerator
-        self.trackers = trackers
-        self.main = accelerator.is_main_process
+        self.accelerator, self.trackers, self.main = accelerator, trackers, accelerator.is_main_process
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows past the checkpoint's step (they will be produced again). Written to a
@@ -43,7 +39,7 @@ class MetricsLog:
                 continue
             if row.get("step", 0) <= step:
                 keep.append(line)
-        formats.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+        formats.write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, row: dict) -> None:
         if not self.main:
@@ -54,9 +50,8 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
         if self.trackers:
             kind = row.get("kind", "train")
-            values = {f"{kind}/{k}": v for k, v in row.items()
-                      if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None}
-            self.accelerator.log(values, step=row.get("step"))
+            self.accelerator.log({f"{kind}/{k}": v for k, v in row.items()
+                                  if k not in ("kind", "step") and isinstance(v, (int, float))}, step=row.get("step"))
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -65,13 +60,6 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """The dense bf16 peak of a CUDA device from the GPU table; None on the CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    return hardware.device_peak_flops(torch.cuda.get_device_name(device))
 
 
 class NonfiniteGuard:
@@ -126,7 +114,9 @@ class Reporter:
         self.t_start = time.time() - self.state["elapsed_s"]
         self.guard = NonfiniteGuard(self.state, self.a.device, lazy=self.r.host_sync == "log")
         self.checked = run.start_step
-        self.peak_flops = device_peak_flops(self.a.device)
+        # the GPU table's dense bf16 peak; None on the CPU or an unknown GPU (no MFU then)
+        cuda = self.a.device.type == "cuda"
+        self.peak_flops = hardware.device_peak_flops(torch.cuda.get_device_name(self.a.device)) if cuda else None
 
     def __enter__(self):
         return self
