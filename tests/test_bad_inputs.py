@@ -214,6 +214,8 @@ def world(char_data, tmp_path_factory) -> World:
         T("seed_negative", "seed=-1 must not be negative", seed=-1),
         T("seed_too_large", f"seed={2**40} must be <= {2**32 - 1}", seed=2**40),
         T("out_dir_is_a_file", "is a file, not a directory", out=a_file, untouched=[a_file]),
+        T("hellaswag_ending_longer_than_model", "tokens, more than the model's 32 positions",
+          hellaswag=Path(__file__).parent / "fixtures" / "hellaswag_tiny.jsonl"),
         T("tracker_not_installed", f"report_to={missing_tracker} needs the {missing_tracker} package",
           report_to=missing_tracker),
         # init_from
@@ -305,7 +307,8 @@ CASE_IDS = [
     "resume_changed_model_shape", "resume_missing_path", "resume_truncated_safetensors",
     "resume_path_without_manifest", "token_id_past_vocab", "meta_vocab_too_small", "val_split_too_short",
     "learning_rate_nan", "max_steps_inf", "seed_negative", "seed_too_large", "out_dir_is_a_file",
-    "tracker_not_installed", "init_from_truncated_weights", "init_from_config_mismatch",
+    "tracker_not_installed", "hellaswag_ending_longer_than_model", "init_from_truncated_weights",
+    "init_from_config_mismatch",
     "resume_zeroed_optimizer_same_size", "eval_damaged_final", "sample_damaged_final", "prepare_missing_input", "prepare_no_text", "prepare_over_prepared_data",
     "prepare_bad_val_fraction",
 ]

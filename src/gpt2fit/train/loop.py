@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin, parse_flag_from
 from gpt2fit import formats, hardware
 from gpt2fit.config import TrainConfig, grad_accum_for, micro_batch, parse_count
 from gpt2fit.errors import UserError
-from gpt2fit.evaluate.hellaswag import hellaswag_subset, load_hellaswag, score_hellaswag
+from gpt2fit.evaluate.hellaswag import encode_example, hellaswag_subset, load_hellaswag, score_hellaswag
 from gpt2fit.evaluate.perplexity import windowed_loss
 from gpt2fit.prepare import prepare
 from gpt2fit.prepare.tokenizers import fingerprint, load_tokenizer
@@ -270,6 +270,12 @@ def setup(cfg: TrainConfig) -> Run:
     n = n_params(lm)  # (before prepare: ZeRO-3 and FSDP leave each process a shard)
     fpt = hardware.flops_per_token(n_params(lm, non_embedding=True), lm.config.n_layer, lm.config.n_embd,
                                    cfg.model.block_size)
+    hellaswag = None
+    if cfg.run.hellaswag:  # loaded, and every ending checked to fit the model, before anything is written
+        hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
+                                     seed=cfg.run.seed)
+        for example in hellaswag:
+            encode_example(tokenizer, example, lm.config.n_positions)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     resume_from, resume_state = prepare_out_dir(cfg, accelerator)
     trackers = bool(accelerator.log_with)
@@ -279,10 +285,8 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               tokenizer=tokenizer, train_batches=batches, val_data=val_data, micro=micro, accum=accum,
               total_steps=total_steps, tokens_per_step=tokens_per_step, flops_per_token=fpt, n_params=n, meta=meta,
-              log=MetricsLog(cfg.run.out_dir, accelerator, trackers), out_dir=Path(cfg.run.out_dir))
-    if cfg.run.hellaswag:
-        run.hellaswag = hellaswag_subset(load_hellaswag(cfg.run.hellaswag), cfg.run.hellaswag_examples or None,
-                                         seed=cfg.run.seed)
+              log=MetricsLog(cfg.run.out_dir, accelerator, trackers), out_dir=Path(cfg.run.out_dir),
+              hellaswag=hellaswag)
     if resume_from is not None:
         ckpt.load(accelerator, resume_from)
         run.state.update(resume_state)
