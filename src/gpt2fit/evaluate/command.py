@@ -1,13 +1,7 @@
-"""`gpt2fit eval`: validation perplexity, zero-shot HellaSwag and lm-eval tasks of a run dir, model dir
-or Hub id (examples: EPILOG).
-
-Perplexity is ``perplexity.windowed_loss``, the estimator the training loop logs as val_loss;
-HellaSwag is scored as ``hellaswag`` describes. ``--tasks`` runs the lm-evaluation-harness (the
-``eval`` extra) through its own Hugging Face model class (``HFLM``) on the loaded model, and keeps
-what a reader needs to compare a number: the metrics under lm-eval's names (a filter other than
-"none" stays in the name), task version, n-shot, examples scored, dataset, lm-eval's version.
-Results merge into ``<run>/eval_results.json``, lm-eval's task by task.
-"""
+"""`gpt2fit eval` (examples: EPILOG): perplexity is ``perplexity.windowed_loss`` (the training loop's val_loss);
+HellaSwag as ``hellaswag`` describes; ``--tasks`` runs lm-evaluation-harness (the ``eval`` extra) through its ``HFLM``,
+keeping what a comparison needs: metrics under lm-eval's names (a filter other than "none" stays in the name), task
+version, n-shot, examples, dataset, lm-eval's version. Results merge into ``<run>/eval_results.json``."""
 
 import json
 import logging
@@ -79,8 +73,7 @@ def run_data_dir(run_dir: Path) -> str | None:
 
 
 def write_results(path: Path, update: dict) -> None:
-    """Merge ``update`` into the JSON object at ``path`` (a file that is not one is replaced); lm-eval
-    results task by task, so tasks run one at a time add up."""
+    """Merge ``update`` into the JSON object at ``path`` (else replaced); lm-eval's task by task, so runs add up."""
     try:
         results = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
@@ -89,9 +82,8 @@ def write_results(path: Path, update: dict) -> None:
     results = results if isinstance(results, dict) else {}
     if isinstance(results.get("lm_eval"), dict) and "lm_eval" in update:
         update = {**update, "lm_eval": {**results["lm_eval"], **update["lm_eval"]}}
-    results = {**results, **update}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, results)
+    write_json_atomic(path, {**results, **update})
 
 
 def task_manager(tasks: list[str], include_path: str | None = None):

@@ -1,24 +1,9 @@
-"""Zero-shot HellaSwag scored as lm-evaluation-harness scores its ``hellaswag`` task, fast enough to
-run during training.
-
-    Text (``text=``): "lm_eval" (the default) is lm-eval's ``process_docs``: the context is
-        ``activity_label: ctx_a Ctx_b`` and WikiHow's bracketed markers are removed from it and
-        from each ending; "raw" scores the dataset's ``ctx`` and endings as they are (llm.c's
-        ``dev/data/hellaswag.py``).
-    Tokens: each (context, " " + ending) pair is encoded as lm-eval's HFLM encodes it (the whole
-        string, split after the context's own tokens) and cut as it cuts it: the last
-        n_positions + 1 tokens, so a long context loses tokens from the left, pair by pair. An
-        ending longer than n_positions is an error naming the example (lm-eval refuses it too).
-    Score: the sum of the ending's token log-probabilities given everything before it.
-
-    * ``acc``            argmax of the sum
-    * ``acc_norm``       argmax of sum / characters of the ending: lm-eval's ``acc_norm``
-    * ``acc_norm_token`` argmax of sum / tokens of the ending: llm.c's (its GPT-2 124M figure,
-                         0.2955, is this on raw text)
-
-With the lm_eval text, acc and acc_norm equal lm-eval's item by item (tests/test_evaluate.py runs
-both on the same items and model).
-"""
+"""Zero-shot HellaSwag scored as lm-evaluation-harness scores its ``hellaswag`` task, fast enough for training.
+Text: "lm_eval" (default) is lm-eval's ``process_docs``; "raw" is the dataset's ``ctx`` and endings (llm.c's).
+Tokens: each (context, " " + ending) pair is encoded and cut as lm-eval's HFLM does (the last n_positions + 1).
+Score: the sum of the ending's token log-probs; ``acc``: argmax of the sum, ``acc_norm``: of sum / characters
+(lm-eval's), ``acc_norm_token``: of sum / tokens (llm.c's: GPT-2 124M 0.2955 on raw text). With the lm_eval text,
+acc and acc_norm equal lm-eval's item by item (tests/test_evaluate.py)."""
 
 import json
 import os
@@ -53,16 +38,14 @@ def _example(row, where: str, text: str) -> dict:
         raise UserError(f"{where}: example has no label (the test split is unlabeled; use validation)")
     if not str(label).isdigit() or int(label) > 3 or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         raise UserError(f"{where}: expected 4 string endings and a label in 0..3, got {len(endings)} / {label!r}")
-    if text == "raw":
-        return {"ctx": str(row["ctx"]), "endings": list(endings), "label": int(label), "where": where}
-    ctx = preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    return {"ctx": ctx, "endings": [preprocess(e) for e in endings], "label": int(label), "where": where}
+    raw = text == "raw"
+    ctx = str(row["ctx"]) if raw else preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    endings = list(endings) if raw else [preprocess(e) for e in endings]
+    return {"ctx": ctx, "endings": endings, "label": int(label), "where": where}
 
 
 def load_hellaswag(source, text: str = "lm_eval") -> list[dict]:
-    """HellaSwag validation examples ``[{"ctx", "endings", "label", "where"}]``, ``text`` as the module
-    docstring says, from ``hellaswag_val.jsonl`` (the rowanz/hellaswag schema), a Hub dataset id such
-    as ``Rowan/hellaswag`` or a local dataset dir (``datasets.load_dataset(source, split="validation")``)."""
+    """Validation examples ``[{"ctx", "endings", "label", "where"}]`` from hellaswag_val.jsonl, a Hub id or a dir."""
     if text not in TEXTS:
         raise UserError(f"HellaSwag text {text!r} is not one of {', '.join(TEXTS)}")
     source = os.fspath(source)
@@ -102,9 +85,8 @@ def hellaswag_subset(examples, n: int, seed: int = 0) -> list[dict]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's ``LM._encode_pair`` makes them: trailing spaces
-    of the context move to the continuation; the whole string is encoded and split after the
-    context's own tokens. An empty context is the EOT token (lm-eval's prefix token)."""
+    """(context ids, continuation ids) as lm-eval's ``LM._encode_pair`` makes them (trailing spaces move to the
+    continuation; the whole string is encoded, split after the context's tokens; empty context: EOT)."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
@@ -144,11 +126,8 @@ def _batch_scores(net, rows, pad_id: int, device) -> torch.Tensor:
 
 def score_hellaswag(model, tokenizer, examples, *, batch_size: int = 8, device=None, accelerator=None,
                     return_details: bool = False) -> dict:
-    """Zero-shot HellaSwag: ``{"acc", "acc_norm", "acc_norm_token", "n"}`` (see the module docstring).
-    ``batch_size`` is in examples (4 rows each). A model in training mode is switched to eval and back;
-    with a multi-process ``accelerator`` the examples are sharded and the counts summed.
-    ``return_details`` adds, per example of this process, the label, the 4 log-prob sums, token and
-    char counts and the three predictions."""
+    """``{"acc", "acc_norm", "acc_norm_token", "n"}``; ``batch_size`` in examples (4 rows each); sharded over a
+    multi-process ``accelerator``. ``return_details``: per example of this process, sums, counts, predictions."""
     if tokenizer is None:
         raise UserError("HellaSwag needs a tokenizer, and this model dir has none; save one next to the model")
     examples = list(examples)

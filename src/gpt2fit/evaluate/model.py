@@ -1,6 +1,5 @@
-"""Loading a model to evaluate or sample from (and saving its tokenizer so every transformers loads
-it), and what every scorer shares: eval mode that is restored afterwards, sharding over Accelerate
-processes, and summing counts over them."""
+"""Loading a model to evaluate or sample from (and saving its tokenizer so every transformers loads it), and what
+every scorer shares: eval mode restored afterwards, sharding over Accelerate processes, summing counts over them."""
 
 import json
 import os
@@ -33,8 +32,7 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def check_model_path(path_or_id) -> str:
-    """The model dir to load (``resolve_model_path``), or a UserError for a local path that holds
-    no model. A string that is not a local path is taken for a Hub id and returned."""
+    """The model dir to load (``resolve_model_path``; else a Hub id), or a UserError for a local path without one."""
     path_or_id = os.fspath(path_or_id)
     p = Path(path_or_id)
     if is_run_dir(p) and not (p / FINAL / "config.json").is_file():
@@ -66,10 +64,8 @@ def load_error(name, model_path, e: Exception) -> UserError:
 
 
 def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
-    """``(model in eval mode, tokenizer)`` from a run dir (its ``final/``), a model dir or a Hub id.
-    ``dtype``: None = float32 (exact numbers), "bfloat16", "float16", "auto" (the checkpoint's own) or
-    a torch.dtype; ``device``: None = cuda, then mps, then cpu. The tokenizer is None when the model
-    has none (enough for perplexity, which reads ids). Remote code is never trusted."""
+    """``(model in eval mode, tokenizer or None)`` from a run dir (its ``final/``), a model dir or a Hub id; ``dtype``
+    None = float32, "auto" = the checkpoint's own; ``device`` None = cuda > mps > cpu. No remote code."""
     model_path = check_model_path(path_or_id)
     if dtype is None or (isinstance(dtype, str) and dtype != "auto"):
         dtype = getattr(torch, dtype or "float32")
@@ -86,10 +82,9 @@ def load_model_and_tokenizer(path_or_id, device=None, dtype=None):
 
 
 def save_tokenizer(tokenizer, dst, n_positions: int) -> None:
-    """Save ``tokenizer`` into model dir ``dst`` so that transformers 4.x and 5.x both load it as it is:
-    class PreTrainedTokenizerFast (5.x writes TokenizersBackend, which 4.x does not know; GPT2TokenizerFast
-    makes 5.x rebuild a BPE from vocab and merges, which breaks the char tokenizer) and model_max_length =
-    the model's n_positions, so ``truncation=True`` gives inputs the model can take."""
+    """Save ``tokenizer`` into ``dst`` so transformers 4.x and 5.x both load it as it is: PreTrainedTokenizerFast (4.x
+    lacks 5.x's TokenizersBackend; GPT2TokenizerFast makes 5.x rebuild a BPE, breaking the char tokenizer) and
+    model_max_length = n_positions, so ``truncation=True`` gives inputs the model can take."""
     tokenizer.save_pretrained(dst)
     path = Path(dst) / "tokenizer_config.json"
     config = json.loads(path.read_text())
@@ -122,9 +117,8 @@ def eval_mode(module):
 
 
 def shards(items: list, accelerator, batch_size: int) -> tuple[list, int]:
-    """This process's share of ``items`` (every world-th one) and the number of batches of
-    ``batch_size`` the busiest process runs: every process must run as many forwards (sharded and
-    DDP models synchronize in each), so the others add dummy batches that count nothing."""
+    """This process's share of ``items`` (every world-th one) and the batches the busiest process runs: all must
+    run as many forwards (sharded and DDP models synchronize in each); the others add dummy batches."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     mine = items[rank::world]
     return mine, max(-(-len(items[r::world]) // batch_size) for r in range(world))

@@ -1,23 +1,8 @@
-"""The one validation-loss estimator: the training loop's val loss and `gpt2fit eval` both call
-``windowed_loss``, so metrics.jsonl and eval_results.json hold the same number for the same
-weights and windows.
-
-The window rule
-    The token file is cut into non-overlapping windows of ``block_size + 1`` tokens that share
-    their boundary token (window ``i`` is ``tokens[i*B : i*B + B + 1]``): ``ceil((n - 1) / B)``
-    windows, the last one shorter when ``B`` does not divide ``n - 1``, so all of them predict
-    every token after the first exactly once. ``max_windows`` keeps that many, evenly spaced
-    over the window indices (``round(linspace(0, n_windows - 1, max_windows))``: the first and
-    the last window are always in). The training loop validates ``eval_batches * micro_batch``
-    windows (0 = all), the same ones at every eval.
-
-The estimate
-    SUM of the per-token cross entropies over all predicted tokens, divided by their number:
-    exact whatever the batch size, a partial last window or batch, or the number of processes
-    (windows are dealt round-robin to ranks, and (sum, count) is all-reduced). Every batch has
-    the same shape: a short window, a short last batch and a rank's extra batches are padded
-    with targets of -100, which ``F.cross_entropy`` and the training loss ignore.
-"""
+"""The one validation-loss estimator: the training loop's val loss and `gpt2fit eval` both call ``windowed_loss``.
+Windows: non-overlapping, ``block_size + 1`` tokens sharing their boundary token (window ``i`` is ``tokens[i*B :
+i*B + B + 1]``, the last one shorter), so every token after the first is predicted once; ``max_windows`` keeps that
+many, evenly spaced (first and last always in). The estimate: the SUM of the per-token cross entropies over their
+number, exact whatever the batch size or number of processes ((sum, count) is all-reduced; padding: -100 targets)."""
 
 import math
 from contextlib import nullcontext
@@ -55,13 +40,8 @@ class HFLossSum(torch.nn.Module):
 
 def windowed_loss(loss_sum_fn, data, block_size: int, *, batch_size: int, max_windows: int | None = None,
                   accelerator=None, device=None) -> dict:
-    """``{"loss", "tokens", "windows"}``: the token-weighted mean loss over the windows of ``data``.
-
-    ``loss_sum_fn(x, y)`` returns the SUM of the token cross entropies of a [B, T] batch as a 0-d
-    tensor, ignoring targets of -100 (the training ``CausalLM`` does; wrap a Hugging Face model
-    in ``HFLossSum``). When it is a module it runs in eval mode, and every submodule's mode is
-    restored after. ``accelerator``: shard over its processes, on its device.
-    """
+    """``{"loss", "tokens", "windows"}``, the token-weighted mean over ``data``'s windows, sharded over ``accelerator``.
+    ``loss_sum_fn(x, y)``: a [B, T] batch's summed cross entropy, -100 targets ignored (``HFLossSum``: an HF LM's)."""
     n, T = len(data), int(block_size)
     starts = window_starts(n, T, max_windows)
     if not len(starts):

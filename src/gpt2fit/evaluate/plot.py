@@ -1,12 +1,7 @@
-"""Loss curves of one or more runs, from their ``metrics.jsonl`` (examples: EPILOG).
-
-One panel: train loss (lightly smoothed by a centered moving average, the raw values faint)
-and val loss per run, against tokens seen (or steps), with optional horizontal reference
-lines; the y range skips the first 10% of each curve (the drop from ~log(vocab)) so the part
-that matters is readable. A second panel shows HellaSwag acc_norm when any run logged it.
-Next to the PNG, ``<name>.json`` holds exactly the plotted series, so scripts and tests can
-read back what was drawn.
-"""
+"""Loss curves of one or more runs, from their ``metrics.jsonl`` (examples: EPILOG): train loss (centered moving
+average, raw values faint) and val loss against tokens (or steps), optional reference lines, the y range skipping
+the first 10% of each curve; a second panel for HellaSwag acc_norm when logged. ``<name>.json`` next to the PNG
+holds exactly the plotted series."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +24,7 @@ EPILOG = """examples:
 
 
 def smooth_values(values, window: int | None = None) -> list[float]:
-    """Centered moving average (no lag, unlike an EMA); edges average what is there.
-
-    ``window``: points in the window (odd; 1 = raw). None: about 2% of the points, so long runs
-    are lightly smoothed and short ones barely.
-    """
+    """Centered moving average (no lag) over ``window`` points (1 = raw; None: ~2% of them); edges average less."""
     n = len(values)
     if window is None:
         window = max(1, n // 50)
@@ -49,8 +40,7 @@ def smooth_values(values, window: int | None = None) -> list[float]:
 
 
 def _zoom_top(runs, refs) -> float | None:
-    """An upper y limit that skips the first 10% of each curve (the initial drop from ~log(vocab)
-    would otherwise flatten everything that matters); None when there is nothing to skip."""
+    """An upper y limit skipping the first 10% of each curve (the drop from ~log(vocab)); None: nothing to skip."""
     late, all_values = [], []
     for r in runs:
         for ys in (r["train"]["loss_smooth"], r["eval"]["val_loss"]):
@@ -69,42 +59,26 @@ def _series(rows, x: str, y: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _default_labels(run_dirs) -> list[str]:
-    paths = [Path(d).resolve() for d in run_dirs]
-    labels = [p.name for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [f"{p.parent.name}/{p.name}" for p in paths]
-    return labels
-
-
-def _reference(ref):
-    if isinstance(ref, (tuple, list)):
-        value, label = ref
-        return float(value), str(label)
-    return float(ref), f"{float(ref):g}"
-
-
 def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None, smooth=None) -> Path:
-    """Plot the runs' loss curves into ``out_path`` (PNG) and the series into ``<stem>.json``.
-
-    ``reference_lines``: values (``3.28``) or ``(value, label)`` pairs drawn as dashed lines on
-    the loss panel. ``smooth``: centered moving-average window, in points, for the train loss
-    (1 = raw; None = about 2% of the points). Returns the PNG path.
-    """
+    """Plot the runs' loss curves into ``out_path`` (PNG; returned), the series into ``<stem>.json``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     if x not in ("tokens", "step"):
         raise UserError(f"x must be 'tokens' or 'step', got {x!r}")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise UserError("no run dirs to plot")
-    labels = list(labels) if labels is not None else _default_labels(run_dirs)
+    paths = [d.resolve() for d in run_dirs] if labels is None else []
+    unique = len({p.name for p in paths}) == len(paths)  # default labels: the dir names, parent/name where two clash
+    labels = list(labels) if labels is not None else [p.name if unique else f"{p.parent.name}/{p.name}" for p in paths]
     if len(labels) != len(run_dirs):
         raise UserError(f"{len(labels)} label(s) for {len(run_dirs)} run dir(s); give one label per run")
-    refs = [_reference(r) for r in reference_lines]
+    refs = [(float(v), str(label)) for v, label in
+            (r if isinstance(r, (tuple, list)) else (r, f"{float(r):g}") for r in reference_lines)]
 
     runs = []
     for run_dir, label in zip(run_dirs, labels):
@@ -142,22 +116,17 @@ def plot_runs(run_dirs, out_path, *, x="tokens", reference_lines=(), labels=None
         ax.axhline(value, color="gray", linestyle=":", linewidth=1.2)
         ax.annotate(label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
                     textcoords="offset points", ha="right", va="bottom", fontsize=8, color="dimgray")
-    top = _zoom_top(runs, refs)
-    if top is not None:
+    if (top := _zoom_top(runs, refs)) is not None:
         ax.set_ylim(top=top)
     if x == "tokens":
-        from matplotlib.ticker import FuncFormatter
-
         (ax_hs or ax).xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_count(v)))
-    ax.set_ylabel("loss")
     ax.set_title("loss" if len(runs) == 1 else "loss comparison")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
     (ax_hs or ax).set_xlabel(x)
-    if ax_hs is not None:
-        ax_hs.set_ylabel("HellaSwag acc_norm")
-        ax_hs.grid(True, alpha=0.3)
-        ax_hs.legend(fontsize=8)
+    for a, ylabel in ((ax, "loss"), (ax_hs, "HellaSwag acc_norm")):
+        if a is not None:
+            a.set_ylabel(ylabel)
+            a.grid(True, alpha=0.3)
+            a.legend(fontsize=8)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

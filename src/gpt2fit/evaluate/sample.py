@@ -30,8 +30,7 @@ class SampleOptions:
 def generate(path_or_id: str, prompt: str = "", *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, num_samples: int = 1,
              device: str | None = None) -> list[str]:
-    """``num_samples`` continuations of ``prompt`` (the prompt included in each returned text); the
-    values are range-checked where they come from (SampleOptions, the train config)."""
+    """``num_samples`` continuations of ``prompt`` (included in each); the callers range-check the values."""
     model, tok = load_model_and_tokenizer(path_or_id, device)
     if tok is None:
         raise UserError(f"{path_or_id} has no tokenizer files; sampling needs one saved next to the model.")

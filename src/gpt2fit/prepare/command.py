@@ -1,9 +1,7 @@
-"""``gpt2fit prepare`` and ``prepare()``: sources -> tokenizer -> encoder -> shards -> a data dir.
-
-The shards are keyed by the arguments (``.shards/manifest.json``; another key starts over), so an
-interrupted run resumes; ``meta.json`` (formats.write_meta) is written last. OpenWebText: datasets>=4
-cannot run Skylion007/openwebtext's loading script; ``--dataset_revision refs/convert/parquet`` reads
-the Hub's Parquet conversion, partial for datasets over ~5 GB (for all of it, pass the archives)."""
+"""``gpt2fit prepare`` and ``prepare()``: sources -> tokenizer -> encoder -> shards -> a data dir. Shards are keyed by
+the arguments (``.shards/manifest.json``), so an interrupted run resumes; ``meta.json`` is written last. OpenWebText:
+datasets>=4 cannot run its loading script; ``--dataset_revision refs/convert/parquet`` reads the Hub's Parquet
+conversion, partial for datasets over ~5 GB (for all of it, pass the archives)."""
 
 import hashlib
 import json
@@ -135,11 +133,8 @@ def prepare(inputs: list[str] | None, out_dir: str, *, tokenizer: str = "gpt2", 
             workers: int | None = None, chunk_chars: int = CHUNK_CHARS, tokenizer_train_docs: int | None = None,
             tokenizer_train_chars: int | None = TOKENIZER_TRAIN_CHARS, resume: bool = True,
             use_tiktoken: bool = True) -> dict:
-    """Tokenize ``inputs`` (or a ``dataset``) into ``out_dir``; returns the meta dict.
-
-    The options are those of ``gpt2fit prepare --help``. ``split='chars'`` (nanoGPT's cut of one long
-    text) runs in one process and holds the text in memory; ``'documents'`` streams with bounded memory.
-    """
+    """Tokenize ``inputs`` (or a ``dataset``) into ``out_dir`` (options: ``gpt2fit prepare --help``); returns the meta.
+    ``split='chars'`` runs in one process, the text in memory; ``'documents'`` streams with bounded memory."""
     t0 = time.time()
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.05).")

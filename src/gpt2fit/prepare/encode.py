@@ -19,14 +19,8 @@ GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 
 @functools.lru_cache(maxsize=2)
 def tiktoken_params(tokenizer_json: str) -> tuple[dict | None, str]:
-    """``tiktoken.Encoding`` keyword arguments equivalent to a byte-level BPE tokenizer, or (None, why not).
-
-    Eligible: a BPE model (no dropout, prefixes/suffixes or byte fallback), no normalizer, a ByteLevel
-    pre-tokenizer with GPT-2's regex and no prefix space (or a Split regex + ByteLevel without regex),
-    only special added tokens, and merges whose result ids increase in merge order, so that ranks =
-    ids = merge priority, as tiktoken assumes. The vocabulary's own ids are the ranks.
-    The result is cached and shared: do not modify it.
-    """
+    """``tiktoken.Encoding`` keyword arguments equivalent to a byte-level BPE tokenizer, or (None, why not); merge
+    result ids must increase in merge order (tiktoken: ranks = ids = priority). Cached and shared: do not modify."""
     j = json.loads(tokenizer_json)
     m = j.get("model") or {}
     if m.get("type") != "BPE":
@@ -79,8 +73,7 @@ def tiktoken_params(tokenizer_json: str) -> tuple[dict | None, str]:
 
 
 def tiktoken_encoding(tokenizer) -> tiktoken.Encoding | None:
-    """A ``tiktoken.Encoding`` for a tokenizer (PreTrainedTokenizerFast, tokenizers.Tokenizer, or its
-    JSON), or None when it is not GPT-2-style byte-level BPE."""
+    """A ``tiktoken.Encoding`` for a tokenizer (fast, tokenizers.Tokenizer or its JSON), or None when ineligible."""
     if hasattr(tokenizer, "backend_tokenizer"):
         tokenizer = tokenizer.backend_tokenizer
     if hasattr(tokenizer, "to_str"):
@@ -102,8 +95,7 @@ def encoder(tokenizer_json: str, kind: str) -> Callable[[list[str]], list[list[i
 
 
 def choose_encoder(tokenizer_json: str, sample: Iterable[str], *, allow_tiktoken: bool = True) -> tuple[str, str]:
-    """('tiktoken' | 'tokenizers', note). tiktoken only when eligible and its ids equal the fast
-    tokenizer's on ``sample`` (a safety net for tokenizers whose merges tiktoken reads differently)."""
+    """('tiktoken' | 'tokenizers', note): tiktoken if eligible and its ids equal the fast tokenizer's on ``sample``."""
     if not allow_tiktoken:
         return "tokenizers", "tiktoken disabled"
     params, why = tiktoken_params(tokenizer_json)

@@ -1,10 +1,8 @@
-"""The resumable, parallel part of prepare: streams -> chunks -> shard files -> train.bin / val.bin.
-
-The main process cuts the documents into chunks of about ``chunk_chars`` characters and draws the
-train/val split in document order (so the output does not depend on the number of workers); worker
-processes tokenize chunks, append EOT after every document, write ``.shards/<chunk>.{train,val}.bin``
-and, once both are fsynced, a ``<chunk>.done`` marker, which a rerun trusts (the source is re-read, not
-re-tokenized). Shards and final files coexist until the end: ~2x the disk."""
+"""The resumable, parallel part of prepare: streams -> chunks -> shard files -> train.bin / val.bin. The main process
+cuts documents into chunks of ~``chunk_chars`` and draws the train/val split in document order (the output does not
+depend on the number of workers); workers tokenize chunks, append EOT after every document, write
+``.shards/<chunk>.{train,val}.bin`` and, once both are fsynced, a ``<chunk>.done`` marker that a rerun trusts (the
+source is re-read, not re-tokenized). Shards and final files coexist until the end: ~2x the disk."""
 
 import itertools
 import json
@@ -32,6 +30,7 @@ FORMAT = 2  # of the shard layout / manifest key; bump when chunking or shard co
 CHUNK_CHARS = 4_000_000  # ~1M GPT-2 tokens per chunk: 2-4 MB of ids per shard
 CHUNK_RECORDS = 100_000  # also close a chunk after this many records (corpora of tiny documents)
 CRASH_ENV = "GPT2FIT_PREPARE_CRASH_AFTER"  # testing aid: hard-exit after N newly tokenized chunks
+SPLIT_COUNTS = ("train_tokens", "val_tokens", "train_docs", "val_docs")
 
 
 def disk_error(path: Path, e: OSError) -> UserError:
@@ -39,8 +38,7 @@ def disk_error(path: Path, e: OSError) -> UserError:
                      "same command: completed chunks are kept and resumed, the incomplete one is redone.")
 
 
-# -- workers: tokenize one chunk, write its shards, then its done-marker -------------------
-_W: dict = {}
+_W: dict = {}  # a worker's encoder, EOT, dtype and shard dir (init_worker): it tokenizes chunks, writes their shards
 
 
 def init_worker(tokenizer_json: str, kind: str, eot: int, dtype: str, shard_dir: str, worker: bool = False):
@@ -57,9 +55,6 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-SPLIT_COUNTS = ("train_tokens", "val_tokens", "train_docs", "val_docs")
-
-
 def _counts(lens: np.ndarray, val: np.ndarray) -> dict:
     """Tokens and documents per split, from each document's token count and val flag."""
     val = np.asarray(val, dtype=bool)
@@ -68,8 +63,7 @@ def _counts(lens: np.ndarray, val: np.ndarray) -> dict:
 
 
 def tokenize_chunk(name: str, texts: list[str], val: np.ndarray, append_eot: bool = True) -> dict:
-    """Encode documents, EOT after each (unless ``append_eot`` is False: pieces of one document cut
-    at a character position, as --split chars does), split by ``val`` flags; write shards and marker."""
+    """Encode, EOT after each document (not after --split chars's pieces), split by ``val``; write shards, marker."""
     ids = [x + [_W["eot"]] if append_eot else x for x in _W["enc"](texts)]
     lens = np.array([len(x) for x in ids], dtype=np.int64)
     for split, want in (("train", False), ("val", True)):
@@ -95,9 +89,8 @@ def tokenize_chunk(name: str, texts: list[str], val: np.ndarray, append_eot: boo
 
 
 def _context():
-    """Never a fork of this process (it holds tokenizer threads). forkserver where the OS has it: one
-    fresh process imports this module (and with it transformers and torch) once, and the workers are
-    forked from it instead of each importing them again (seconds and hundreds of MB apiece); else spawn."""
+    """Never a fork of this process (it holds tokenizer threads). forkserver where the OS has it (workers fork from
+    one process that imported this module and torch once: seconds and hundreds of MB apiece); else spawn."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -105,7 +98,6 @@ def _context():
     return ctx
 
 
-# -- chunks --------------------------------------------------------------------------------
 @dataclass(eq=False)  # compared by identity (it holds arrays)
 class Chunk:
     name: str
@@ -170,7 +162,8 @@ class Run:
     resumed: int = 0
 
     def __post_init__(self):
-        init_worker(self.tokenizer_json, self.encoder, self.eot, self.dtype, str(self.shard_dir))
+        self.init_args = (self.tokenizer_json, self.encoder, self.eot, self.dtype, str(self.shard_dir))
+        init_worker(*self.init_args)
 
     def marker(self, name: str) -> dict | None:
         try:
@@ -183,7 +176,7 @@ class Run:
                 return None
         return m
 
-    # -- the pool: started for the second chunk, so one-chunk corpora never pay for it -----
+    # the pool is started for the second chunk, so one-chunk corpora never pay for it
     def submit(self, chunk: Chunk) -> Chunk:
         chunk.result = self.marker(chunk.name) if self.resume else None
         if chunk.result is not None:
@@ -191,9 +184,7 @@ class Run:
         elif self.workers > 1:
             self.waiting.append(chunk)
             if self.pool is None and len(self.waiting) >= 2:
-                self.pool = _context().Pool(self.workers, initializer=init_worker,
-                                            initargs=(self.tokenizer_json, self.encoder, self.eot, self.dtype,
-                                                      str(self.shard_dir), True))
+                self.pool = _context().Pool(self.workers, initializer=init_worker, initargs=(*self.init_args, True))
             if self.pool is not None:
                 for c in self.waiting:
                     c.job = self.pool.apply_async(tokenize_chunk, (c.name, c.texts, c.val))
@@ -221,11 +212,9 @@ class Run:
             self.pool.join()
             self.pool = None
 
-    # -- one stream ------------------------------------------------------------------------
     def stream(self, stream: Stream, *, chunk_chars: int, rng, val_fraction: float, max_chars: int | None,
                max_tokens: int | None) -> list[dict]:
-        """Tokenize a stream in order; return the used part of each chunk, in order. The bar counts
-        the stream's units (bytes or documents) or, with ``max_tokens``, tokens."""
+        """Tokenize a stream; the used part of each chunk, in order. The bar counts units, or tokens with a cap."""
         bar = tqdm(total=max_tokens or stream.total, unit="tok" if max_tokens else stream.unit, unit_scale=True,
                    desc={"docs": "tokenize"}.get(stream.split, stream.split), disable=True if self.quiet else None,
                    mininterval=1.0, dynamic_ncols=True)
@@ -269,8 +258,7 @@ class Run:
                 "empty": sum(1 for e in c.empty_before if e < keep or keep == len(c.val))}
 
     def chars(self, stream: Stream, val_fraction: float, max_chars: int | None) -> list[dict]:
-        """nanoGPT's split of one text: the first (1 - val_fraction) of the characters train, the rest val
-        (in memory, in this process)."""
+        """nanoGPT's split of one text (in memory): the first (1 - val_fraction) of the characters train."""
         records = [(t, rep) for t, rep, _ in stream.records()]
         docs = [(t, rep) for t, rep in records if t and not t.isspace()]
         text = "".join(t for t, _ in docs)[:max_chars or None]
@@ -285,10 +273,8 @@ class Run:
                  "replaced": sum(rep for _, rep in docs), "empty": len(records) - len(docs)}]
 
 
-# -- output ----------------------------------------------------------------------------------
 def concat(shard_dir: Path, used: list[dict], split: str, dst: Path, dtype: str) -> None:
-    """``dst`` = the used part of every chunk's ``split`` shard, in order (a temp file, then renamed).
-    A shard holds one chunk (a few MB at the default chunk_chars), so each is read whole."""
+    """``dst`` = the used part of every chunk's ``split`` shard (each a few MB, read whole), via a temp file."""
     tmp = dst.with_name(dst.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:

@@ -1,7 +1,6 @@
-"""Where prepare's documents come from: local files, directories, globs, the stdlib, Hub datasets.
-A source is one or two ordered ``Stream``s: ``docs`` (a seeded val_fraction of them becomes validation),
-or ``val`` + ``train`` for a dataset's own validation split. Bad UTF-8 is replaced (U+FFFD) and counted;
-text with a byte-order mark (UTF-8/16/32) is decoded by it; binary files in a directory or glob are skipped."""
+"""Where prepare's documents come from: files, directories, globs, the stdlib, Hub datasets, as one or two ordered
+``Stream``s: ``docs`` (a seeded val_fraction becomes validation), or ``val`` + ``train`` (a dataset's own split). Bad
+UTF-8 is replaced (U+FFFD) and counted; a byte-order mark decodes; binary files in a directory or glob are skipped."""
 
 import codecs
 import glob
@@ -49,7 +48,6 @@ def documents(stream: Stream, max_docs: int | None = None, max_chars: int | None
         yield text
 
 
-# -- local files ---------------------------------------------------------------------------
 def stdlib_files() -> list[Path]:
     """The running interpreter's standard library sources (no tests): a corpus every Python has."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -68,8 +66,7 @@ def sniff(path: Path) -> str | None:
 
 
 def expand_inputs(inputs: Iterable[str]) -> tuple[list[tuple[Path, str | None]], int]:
-    """Files named by paths, directories (recursively) and globs, in a stable order, each with its
-    ``sniff``; and the number of binary files skipped (a binary file named by itself is an error)."""
+    """(file, its ``sniff``) for paths, directories and globs, in a stable order; and the binary files skipped."""
     out: list[tuple[Path, str | None]] = []
     skipped = 0
     for spec in inputs:
@@ -99,8 +96,7 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[tuple[Path, str | None]],
 
 
 def _utf8(path: Path, enc: str | None) -> BinaryIO:
-    """The file as UTF-8 bytes after any byte-order mark. UTF-16/32 (PowerShell writes UTF-16 LE) is
-    decoded whole, so the tokens are the text's, not every other one a NUL."""
+    """The file as UTF-8 bytes after any byte-order mark; UTF-16/32 (PowerShell's) is decoded whole."""
     if enc in (None, "utf-8-sig"):
         fh = open(path, "rb")
         fh.seek(len(codecs.BOM_UTF8) if enc else 0)
@@ -223,10 +219,8 @@ def local_streams(inputs: list[str], text_column: str) -> tuple[list[Stream], di
                       "decoded_from_bom": sum(enc is not None for _, enc in files), "_files": ident}
 
 
-# -- Hugging Face datasets -------------------------------------------------------------------
 def _hub_error(dataset: str, e: Exception, config, revision) -> UserError:
-    first = first_line(e)
-    name = type(e).__name__
+    first, name = first_line(e), type(e).__name__
     if name == "DatasetNotFoundError" or "gated" in first.lower():
         return UserError(f"dataset {dataset!r} was not found on the Hugging Face Hub, or it needs a login: {first} "
                          f"Check the id at https://huggingface.co/datasets/{dataset}; for a gated or private dataset "

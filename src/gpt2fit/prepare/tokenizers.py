@@ -59,10 +59,7 @@ def _wrap(tk: Tokenizer, model_max_length: int = 1024) -> PreTrainedTokenizerFas
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a GPT-2-style byte-level BPE on an iterator of texts (streamed, never all in memory).
-
-    The vocab holds the 256 byte symbols, the merges, and ``<|endoftext|>`` as the last id.
-    """
+    """A GPT-2-style byte-level BPE trained on streamed texts: 256 byte symbols, merges, ``<|endoftext|>`` last."""
     if vocab_size < 257 + 1:
         raise UserError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 512.")
     tk = Tokenizer(models.BPE())
@@ -76,11 +73,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
 
 
 def build_char_tokenizer(text_or_chars: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over the distinct characters seen (sorted, like nanoGPT).
-
-    Ids 0..n-1 are the characters in sorted order (Tiny Shakespeare: 65), then ``<|endoftext|>``.
-    Decoding concatenates characters, so text round-trips exactly.
-    """
+    """Char-level: ids = the distinct characters sorted (as nanoGPT), then ``<|endoftext|>``; text round-trips."""
     chars: set[str] = set()
     for piece in text_or_chars:
         chars.update(piece)

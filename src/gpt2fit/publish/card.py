@@ -1,10 +1,7 @@
-"""The model card of a run dir: ``gather`` reads its facts through ``gpt2fit.formats``, and
-``build_model_card`` renders them with ``ModelCard.from_template`` from ``card_template.md`` (the
-metadata, model-index eval results included, through ``ModelCardData``). Unknown values are left
-out (never printed as None or nan), local paths are cut to their last component, tokens masked.
-The model-index holds what others can compare: lm-eval's results, and the validation loss only
-on a Hub dataset. The license is the caller's (``gpt2fit push`` reads the base model's).
-"""
+"""The model card of a run dir: ``gather`` reads its facts through ``gpt2fit.formats``, ``build_model_card`` renders
+them from ``card_template.md`` (metadata and model-index through ``ModelCardData``). Unknown values are left out,
+local paths cut to their last component, tokens masked. The model-index holds what others can compare: lm-eval's
+results, and the validation loss only on a Hub dataset. The license is the caller's."""
 
 import json
 import math
@@ -68,9 +65,8 @@ def _present(value: Any) -> bool:
 
 def _looks_like_hub_id(value: Any) -> bool:
     """True for 'namespace/name' strings that are not local paths (nor globs or data files)."""
-    if not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "/", "~")):
-        return False
-    if any(ch in value for ch in "*?[") or value.lower().endswith(_DATA_SUFFIXES) or Path(value).exists():
+    if (not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "/", "~"))
+            or any(ch in value for ch in "*?[") or value.lower().endswith(_DATA_SUFFIXES) or Path(value).exists()):
         return False
     try:
         validate_repo_id(value)
@@ -91,9 +87,8 @@ def _public(value: Any, key: str) -> Any:
     if not isinstance(value, str):
         return value
     pathlike = value.startswith(("/", "~", "./", "../")) or key.endswith(("_dir", "_path", "_file"))
-    if pathlike or (os.sep in value and not _looks_like_hub_id(value) and Path(value).exists()):
-        return _local_name(value)
-    return value
+    local = pathlike or (os.sep in value and not _looks_like_hub_id(value) and Path(value).exists())
+    return _local_name(value) if local else value
 
 
 def _fmt(value: Any) -> str:
@@ -249,8 +244,7 @@ def _lm_eval_rows(f: Facts) -> list[list[str]]:
 
 def build_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
                      revision: str | None = None, checkpoints: list[str] | tuple[str, ...] = ()) -> ModelCard:
-    """The model card of a run dir; nothing is written. ``repo_id`` goes into the usage snippet and
-    names the model-index; ``checkpoints`` lists the branches (``step<N>``) checkpoints were pushed to."""
+    """The model card of a run dir (nothing is written); ``checkpoints``: the branches checkpoints were pushed to."""
     run = Path(run_dir)
     f = gather(run)
     name = (repo_id.split("/")[-1] if repo_id else None) or run.resolve().name or "gpt2fit-model"

@@ -1,22 +1,11 @@
 """Publish a run on the Hugging Face Hub: `gpt2fit push` (one commit; example: EPILOG) and background pushes.
 
-One commit, at the repo root: final/'s files, README.md (the model card, publish/card.py),
-loss.png, eval_results.json and TensorBoard's event files (the Hub's training-metrics tab) when
-present. The card is uploaded from memory and the other files are read in place: the run dir is
-never written, and model and card land together or not at all. With --include_checkpoints each
-complete checkpoint follows as a complete model dir on its own branch ``step<N>``, as Pythia
-publishes them (``from_pretrained(repo, revision="step1000")``): its weights without Accelerate's
-``lm.`` prefix, and the run's config, generation config and tokenizer. Optimizer, scheduler and
-RNG state (pickles, twice the model) stay local: resuming is this machine's business.
-
-Background pushes (:class:`BackgroundPusher`) run on huggingface_hub's own queue
-(``HfApi.run_as_future``: one worker, in order), each from a snapshot of its folder (the trainer
-rotates checkpoints away mid-upload, and the library does not guard that).
-
-Retries: see ``_with_retries``. The token comes from ``HF_TOKEN`` or ``hf auth login``, read by
-huggingface_hub; gpt2fit never writes it and has no ``--token`` flag (it would end up in shell
-history); errors pass through ``redact``. Under ``HF_HUB_OFFLINE=1`` a push fails at once.
-"""
+One commit at the repo root: final/'s files, README.md (the card, uploaded from memory: the run dir is never written,
+and model and card land together or not at all), loss.png, eval_results.json and TensorBoard's event files. With
+--include_checkpoints each complete checkpoint follows as a complete model dir on its branch ``step<N>`` (as Pythia
+publishes them); optimizer, scheduler and RNG state stay local. Background pushes (:class:`BackgroundPusher`) run
+on ``HfApi.run_as_future`` (one worker, in order), each from a snapshot (the trainer rotates checkpoints away). The
+token comes from ``HF_TOKEN`` or ``hf auth login`` (no ``--token``: shell history); errors pass through ``redact``."""
 
 import concurrent.futures
 import http
@@ -58,7 +47,6 @@ RUN_EXTRAS = (formats.PLOT, formats.EVAL_RESULTS)  # pushed next to final/ (repo
 MODEL_FILES, NOT_MODEL_FILES = ["*.json", "*.txt", "*.model"], ["*.index.json", "README.md"]
 
 
-# -- checks and errors -----------------------------------------------------------------------------
 def check_repo_id(repo_id: str | None) -> str:
     """'namespace/name' or a UserError; the training loop calls this before its first step."""
     if not repo_id:
@@ -84,9 +72,7 @@ def _status_of(exc: BaseException) -> int | None:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """What a failed connection raises: the TransportError of huggingface_hub's HTTP client (httpx
-    in 1.x, httpx2 in 2.x, which it lets through), OS-level errors, and non-JSON answers (a proxy's
-    HTML error page). (An HTTP error is ``HfHubHTTPError`` with the response, in 1.x and 2.x.)"""
+    """What a failed connection raises: the HTTP client's TransportError, OS errors, a proxy's non-JSON page."""
     client = sys.modules[type(get_session()).__module__.split(".")[0]]
     return (client.TransportError, ConnectionError, TimeoutError, json.JSONDecodeError)
 
@@ -133,9 +119,7 @@ def _explain(exc: BaseException, api: HfApi, repo_id: str, revision: str | None,
 
 def _with_retries(attempt_fn: Callable[[], Any], *, api: HfApi, repo_id: str, revision: str | None, retries: int,
                   backoff: float, sleep: Callable[[float], None]):  # fmt: skip
-    """Run ``attempt_fn`` until it succeeds, retrying ``retries`` times (``backoff * 2**i`` s, at
-    most 60) on network errors, 5xx, 408 and 429; 401/403/404 and other 4xx fail at once. Hub and
-    network failures become a UserError whose first line names the fix; bugs propagate as they are."""
+    """Run ``attempt_fn``, retrying network errors, 5xx, 408 and 429 ``retries`` times (``backoff * 2**i`` s)."""
     for attempt in itertools.count():
         try:
             return attempt_fn()
@@ -163,22 +147,18 @@ def repo_url(endpoint: str | None, repo_id: str, revision: str | None) -> str:
     return f"{url}/tree/{revision}" if revision and revision != "main" else url
 
 
-# -- pushing ---------------------------------------------------------------------------------------
 def _commit(files: list[tuple[str, Path | bytes]], repo_id: str, *, commit_message: str, private: bool = False,
             revision: str | None = None, token: str | None = None, endpoint: str | None = None,
             retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
             sleep: Callable[[float], None] = time.sleep, exact: bool = False):  # fmt: skip
-    """One commit of ``files`` ((path in repo, local file or bytes)) to ``repo_id``, created if
-    missing (the ``revision`` branch too), retried as :func:`_with_retries` says. ``exact``: the
-    commit also deletes every other file of the branch (a new branch starts as a copy of main).
-    Returns huggingface_hub's ``CommitInfo``; failures raise a UserError whose first line names the fix."""
+    """One commit of ``files`` ((path in repo, local file or bytes)) to ``repo_id`` (and branch), created if
+    missing; ``exact``: also delete every other file of the branch (a new branch starts as a copy of main)."""
     check_repo_id(repo_id)
     _check_online()
     api = _hub_api(token, endpoint)
 
     def attempt():
-        # private=None (not False) when not asked: a new repo then follows the namespace's default
-        # visibility (organizations can default to private), and an existing repo is left alone.
+        # private=None unless asked: a new repo follows the namespace's default visibility, an existing one is kept
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -197,8 +177,7 @@ def _commit(files: list[tuple[str, Path | bytes]], repo_id: str, *, commit_messa
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = None,
                 commit_message: str = "Upload with gpt2fit", **push_args):  # fmt: skip
-    """Upload the files of ``folder`` under ``path_in_repo`` as one commit; ``push_args`` (private,
-    revision, token, endpoint, retries, backoff, sleep) as for :func:`_commit`."""
+    """Upload the files of ``folder`` under ``path_in_repo`` as one commit; ``push_args`` as for :func:`_commit`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"nothing to push: {folder} is not a directory")
@@ -209,13 +188,12 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, path_in_repo: str | 
 def _files(root: Path, *, allow=None, ignore=None, prefix: str = "") -> list[tuple[str, Path]]:
     """(path in repo, local file) for the files under ``root`` that the patterns let through."""
     rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return [(prefix + rel, root / rel)
-            for rel in filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore)]  # fmt: skip
+    kept = filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore)
+    return [(prefix + rel, root / rel) for rel in kept]
 
 
 def run_files(run_dir: str | os.PathLike) -> list[tuple[str, Path]]:
-    """(path in repo, local file) for what a push of ``run_dir`` uploads to the repo root, except
-    README.md; TensorBoard's event files keep their place in the run dir."""
+    """(path in repo, local file) for what a push of ``run_dir`` uploads, README.md aside."""
     run = Path(run_dir)
     files = _files(run / formats.FINAL, ignore=["README.md"])
     files += [(extra, run / extra) for extra in RUN_EXTRAS if (run / extra).is_file()]
@@ -228,9 +206,8 @@ def revision_of(checkpoint: Path) -> str:
 
 
 def checkpoint_model_dir(checkpoint: Path, template, dst: Path) -> None:
-    """Write into ``dst`` checkpoint ``checkpoint`` as a complete model dir: its weights without
-    Accelerate's ``lm.`` prefix (and torch.compile's ``_orig_mod.``), and config, generation config
-    and tokenizer from ``template``: a model dir (the run's final/) or the (model, tokenizer) trained."""
+    """``checkpoint`` as a complete model dir in ``dst``: its weights without Accelerate's ``lm.`` and torch.compile's
+    ``_orig_mod.``, the rest from ``template``: a model dir (the run's final/) or the (model, tokenizer) trained."""
     if isinstance(template, (str, os.PathLike)):
         if not (Path(template) / "config.json").is_file():  # never a branch of bare weights
             raise UserError(f"no model dir {template} to take the config and tokenizer of {checkpoint} from")
@@ -246,8 +223,7 @@ def checkpoint_model_dir(checkpoint: Path, template, dst: Path) -> None:
 
 
 def snapshot(files: list[tuple[str, Path]], dst: Path) -> None:
-    """Hard-link (copy where links fail: another file system, see BackgroundPusher's tmp_dir) ``files``
-    into ``dst``: a link survives the trainer deleting the original and costs no disk space."""
+    """Hard-link ``files`` into ``dst`` (survives the trainer deleting the original, costs no disk), else copy."""
     for rel, src in files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -296,8 +272,7 @@ def push_run(
     license: str | None = None, commit_message: str | None = None, retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF, dry_run: bool = False, sleep: Callable[[float], None] = time.sleep,
 ) -> PushResult:  # fmt: skip
-    """Push a finished run as the module docstring says. ``license`` None: the base model's; retries as
-    :func:`push_folder`; ``dry_run``: no network (nor license lookup)."""
+    """Push a finished run (module docstring); ``license`` None: the base model's; ``dry_run``: no network."""
     run = _check_run_dir(run_dir)
     check_repo_id(repo_id)
     files = run_files(run)
@@ -324,7 +299,6 @@ def push_run(
     return PushResult(repo_id, url, info.commit_url, listing, card)
 
 
-# -- background pushes -----------------------------------------------------------------------------
 @dataclass
 class Failure:
     """One upload that did not happen, and how to do it by hand."""
@@ -336,10 +310,8 @@ class Failure:
 
 
 class BackgroundPusher:
-    """Uploads folders in the background so training never waits on the network (module docstring).
-    Nothing raises into the caller: failures are logged (redacted) and returned by ``finish()``, and
-    ``report()`` says what was not pushed and how to push it later. Python waits for an upload in
-    flight at exit; call ``finish()`` (or use ``with``) to learn how it went."""
+    """Uploads folders in the background so training never waits on the network. Nothing raises into the caller:
+    failures are logged (redacted), returned by ``finish()`` (or ``with``) and explained by ``report()``."""
 
     def __init__(self, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None,
                  endpoint: str | None = None, retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
@@ -350,12 +322,11 @@ class BackgroundPusher:
         self.revisions: list[str] = []  # checkpoint branches pushed, for the card
         self._push_args = {"private": private, "revision": revision, "token": token, "endpoint": endpoint,
                            "retries": retries, "backoff": backoff}  # fmt: skip
-        self._tmp_dir = tmp_dir
+        self._tmp_dir, self._closed = tmp_dir, False
         self._api = _hub_api(token, endpoint)  # its run_as_future queue runs the uploads
         self._jobs: list[tuple[dict, concurrent.futures.Future]] = []
         self.failures: list[Failure] = []  # uploads that did not happen (see finish())
         self.pushed: list[str] = []  # branch, path_in_repo or folder of each successful push
-        self._closed = False
 
     def __enter__(self):
         return self
@@ -383,13 +354,9 @@ class BackgroundPusher:
 
     def submit(self, folder: str | os.PathLike, *, path_in_repo: str | None = None, commit_message: str | None = None,
                run_dir: bool = False) -> bool:  # fmt: skip
-        """Queue an upload of ``folder`` (snapshotted now). True if queued; never raises.
-
-        ``run_dir=True``: ``folder`` is a finished run dir; what `gpt2fit push` sends goes up, with
-        the card built at upload time (it lists the checkpoint branches pushed before). A folder in
-        checkpoints/ becomes a complete model dir (``checkpoint_model_dir`` with ``template``) on
-        its branch ``step<N>``. Otherwise the folder's files go to ``path_in_repo`` (default: the root).
-        """
+        """Queue an upload of ``folder`` (snapshotted now); True if queued; never raises. ``run_dir``: what `gpt2fit
+        push` sends, the card built at upload time (listing the branches pushed before); a checkpoint: a complete
+        model dir on its branch ``step<N>``; else the folder's files under ``path_in_repo`` (default: the root)."""
         folder = Path(folder)
         checkpoint = folder.parent.name == formats.CHECKPOINTS and not run_dir
         job = {"folder": folder, "path_in_repo": None if run_dir or checkpoint else path_in_repo, "run_dir": run_dir,
@@ -434,11 +401,7 @@ class BackgroundPusher:
             shutil.rmtree(job["snapshot"], ignore_errors=True)
 
     def finish(self, timeout: float | None = None) -> list[Failure]:
-        """Wait for queued uploads (at most ``timeout`` s); returns what failed or did not finish.
-
-        Later ``submit()`` calls are refused (and recorded). On timeout, uploads not started are
-        dropped; the one in flight may still complete, but it is reported as not pushed.
-        """
+        """Wait for queued uploads (at most ``timeout`` s) and refuse later submits; returns what was not pushed."""
         self._closed = True
         concurrent.futures.wait([future for _, future in self._jobs], timeout)
         for job, future in self._jobs:
@@ -455,19 +418,17 @@ class BackgroundPusher:
 
     def report(self) -> str:
         """Plain text: what was pushed, what was not, and the command to push it later."""
-        failures = self.failures
-        lines = [f"hub: {len(self.pushed)} upload(s) to {self.repo_id} succeeded, {len(failures)} not pushed"]
-        for f in failures:
+        lines = [f"hub: {len(self.pushed)} upload(s) to {self.repo_id} succeeded, {len(self.failures)} not pushed"]
+        for f in self.failures:
             where = f" -> {f.path_in_repo}" if f.path_in_repo else ""
             gone = "" if Path(f.folder).exists() else " (the folder no longer exists locally)"
             lines.append(f"  not pushed: {f.folder}{where}{gone}: {f.error}")
             lines.append(f"    push it later with: {f.command}")
-        if any(f.command.startswith("gpt2fit push") for f in failures):
+        if any(f.command.startswith("gpt2fit push") for f in self.failures):
             lines.append("  (`python scripts/push_to_hub.py RUN_DIR --repo_id ...` is the same command)")
         return redact("\n".join(lines))
 
 
-# -- CLI -------------------------------------------------------------------------------------------
 DESCRIPTION = ("Push a finished run (final/ model, model card, loss.png, eval_results.json) to the Hugging Face "
                "Hub as one commit. The token comes from HF_TOKEN or `hf auth login`.")  # fmt: skip
 EPILOG = "example: gpt2fit push runs/quickstart --repo_id your-username/gpt2-quickstart --private"
@@ -515,6 +476,5 @@ def main(argv=None) -> int:
     for path, size in result.files:
         print(f"  {path:<40} {_size(size):>10}")
     if not o.dry_run:
-        print(f"model: {result.url}")
-        print(f"commit: {result.commit_url}")
+        print(f"model: {result.url}\ncommit: {result.commit_url}")
     return 0
