@@ -39,16 +39,18 @@ def test_auto_micro_batch_on_cpu_uses_the_planner_and_keeps_tokens_per_step(char
     assert run.accum == 4 and run.tokens_per_step == 64 * 32 * 4
 
 
-def test_probe_step_runs_two_full_steps_and_leaves_the_weights_alone(char_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_probe_step_runs_two_full_steps_and_leaves_the_weights_alone(char_data, tmp_path, monkeypatch, optimizer):
     """The CUDA probe's step, run on the CPU: two forward/backward/optimizer steps (the second
-    backward must find the optimizer states already allocated, as in training), at lr 0."""
+    backward must find the optimizer states already allocated, as in training), at lr 0 (with muon,
+    Muon's and AdamW's groups both)."""
     from accelerate import Accelerator
 
     from gpt2fit.train import autobatch as autobatch
     from gpt2fit.config import parse_config
     from gpt2fit.train.model import CausalLM, build_model
 
-    cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "run", dropout=0.1))
+    cfg, _ = parse_config(tiny_flags(char_data, tmp_path / "run", dropout=0.1, optimizer=optimizer))
     model = CausalLM(build_model(cfg.model, 100, seed=0, eot_id=99))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = []

@@ -24,7 +24,7 @@ def test_flags_override_recipe_and_yaml_floats_are_coerced(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["quickstrat"], "unknown recipe 'quickstrat'. Did you mean 'quickstart'?"),
-    (["quickstart", "--learning_rat", "1e-3"], "unknown flag --learning_rat. Did you mean 'learning_rate'?"),
+    (["quickstart", "--learning_rat", "1e-3"], "unknown flag --learning_rat. Did you mean 'learning_rate'"),
     (["quickstart", "--max_steps", "ten"], "max_steps='ten' in the command line is not a valid int"),
     (["quickstart", "--max_steps", "0"], "max_steps=0 must be a positive integer"),
     (["quickstart", "--learning_rate", "-1"], "learning_rate=-1.0 must not be negative"),

@@ -129,6 +129,8 @@ def test_nonfinite_step_is_skipped_under_deepspeed(char_data, tmp_path):
 @pytest.mark.parametrize("config, extra, message", [
     ("deepspeed_zero2.yaml", {"optimizer": "adamw8bit"},
      "error: optimizer=adamw8bit runs on one device or under DDP (multi_gpu.yaml), not DeepSpeed"),
+    ("deepspeed_zero2.yaml", {"optimizer": "muon"},
+     "error: optimizer=muon runs on one device or under DDP (multi_gpu.yaml), not DeepSpeed"),
     ("fsdp2.yaml", {}, "error: 2 processes but Accelerate set up no engine to join them (it runs FSDP on GPUs only)"),
 ])
 def test_combinations_that_cannot_run_fail_at_start(char_data, tmp_path, config, extra, message):

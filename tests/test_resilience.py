@@ -4,7 +4,8 @@ The reference for "nothing was lost" is an uninterrupted run with the same flags
 killed (SIGKILL at random steps, or inside each phase of a checkpoint save), preempted (SIGTERM /
 SIGINT) or stopped by a full disk, and then continued with ``--resume auto``, must log the very
 same per-step loss, grad norm and learning rate (bitwise) and export the very same weights. With
-``dropout 0.1`` that needs the RNG states, with ``adamw8bit`` the 8-bit optimizer state, and with
+``dropout 0.1`` that needs the RNG states, with ``adamw8bit`` the 8-bit optimizer state (with ``muon``
+its momentum and AdamW's moments), and with
 a cosine schedule the scheduler state, all restored exactly.
 
 Training runs in subprocesses (``python -m gpt2fit.cli train``) so that signals, exit codes and
@@ -228,7 +229,7 @@ def copy_unfinished(base: Path, dest: Path, drop_after: int) -> Path:
 # 1. exact resume after SIGKILL at random steps
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "muon"])
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(char_data, baselines, tmp_path, optimizer):
     """Three real SIGKILLs: at two random steps, and at a random moment around a checkpoint save."""
     flags = dict(FLAGS, optimizer=optimizer)
@@ -576,10 +577,12 @@ def cli_in_process(command: str, argv, capsys):
     return rc, out, err
 
 
-def test_nonfinite_steps_are_skipped_and_counted(char_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_nonfinite_steps_are_skipped_and_counted(char_data, tmp_path, monkeypatch, capsys, optimizer):
     weights = poison_loss(monkeypatch, {5, 6})
     run = tmp_path / "run"
-    rc, out, err = run_in_process(tiny_flags(char_data, run, max_steps=10, max_nonfinite_steps=3), capsys)
+    rc, out, err = run_in_process(tiny_flags(char_data, run, max_steps=10, max_nonfinite_steps=3,
+                                             optimizer=optimizer), capsys)
     assert rc == 0, err
     skips = read_rows(run, "skip")
     assert [(r["step"], r["consecutive"]) for r in skips] == [(5, 1), (6, 2)]
@@ -593,9 +596,12 @@ def test_nonfinite_steps_are_skipped_and_counted(char_data, tmp_path, monkeypatc
     assert torch.isfinite(weights[7]).all()
     assert not torch.equal(weights[7], weights[8])  # ... and training went on after the streak
     assert not torch.equal(weights[4], weights[5])
-    # ... and Adam took 8 steps in 10 (its moments were not fed the NaN gradients)
-    adam = torch.load(ckpt.step_dir(run, 10) / "optimizer.bin", weights_only=True)
+    # ... and Adam took 8 steps in 10 (its moments, and Muon's momentum, were not fed the NaN gradients)
+    state = torch.load(ckpt.step_dir(run, 10) / "optimizer.bin", weights_only=True)
+    adam = state["adamw"] if optimizer == "muon" else state
     assert {float(v["step"]) for v in adam["state"].values()} == {8.0}
+    if optimizer == "muon":
+        assert all(torch.isfinite(v["momentum_buffer"]).all() for v in state["muon"]["state"].values())
 
 
 def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(char_data, tmp_path,

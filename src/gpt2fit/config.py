@@ -90,8 +90,18 @@ class DataArgs:
 @dataclass
 class OptimArgs:
     optimizer: str = f("adamw", "adamw (torch, fused on CUDA), adamw8bit or paged_adamw8bit (bitsandbytes; ~75% "
-                                "less optimizer memory).", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    learning_rate: float = f(6.0e-4, "Peak learning rate.", minimum=0)
+                                "less optimizer memory), or muon (torch.optim.Muon on the blocks' 2-D weights, AdamW "
+                                "on embeddings, LayerNorms and biases; one state buffer instead of two).",
+                       choices=("adamw", "adamw8bit", "paged_adamw8bit", "muon"))
+    learning_rate: float = f(6.0e-4, "Peak learning rate (AdamW's; with muon, of the non-matrix parameters).",
+                             minimum=0)
+    muon_learning_rate: float | None = f(None, "muon only: peak LR of the block matrices, scaled per matrix by "
+                                               "0.2*sqrt(max(rows, cols)) so AdamW-scale rates fit (Moonlight); "
+                                               "default: learning_rate.", minimum=0)
+    muon_weight_decay: float | None = f(None, "muon only: decoupled weight decay of the block matrices "
+                                              "(default: weight_decay).", minimum=0)
+    muon_momentum: float | None = f(None, "muon only: Nesterov momentum (default 0.95).", minimum=0,
+                                    maximum=0.999)
     min_lr: float = f(6.0e-5, "Learning rate at the end of the decay.", minimum=0)
     lr_schedule: str = f("cosine", "cosine = warmup then cosine to min_lr; wsd = warmup-stable-decay; "
                                    "constant = warmup then flat.", choices=("cosine", "wsd", "constant"))
@@ -267,6 +277,13 @@ def validate(cfg: TrainConfig) -> None:
             options.check(name, value, FIELDS[name][1], "the config")
     if o.learning_rate == 0:
         raise UserError("learning_rate=0 would never update the model; use e.g. 6.0e-4.")
+    muon_set = [k for k in ("muon_learning_rate", "muon_weight_decay", "muon_momentum") if getattr(o, k) is not None]
+    if o.optimizer != "muon" and muon_set:
+        raise UserError(f"--{muon_set[0]} applies to --optimizer muon, not {o.optimizer!r} (which steps the block "
+                        f"matrices itself); add --optimizer muon or drop --{muon_set[0]}.")
+    if o.muon_learning_rate == 0:
+        raise UserError("muon_learning_rate=0 would never update the block matrices; use e.g. 6.0e-4, or leave it "
+                        "unset to use learning_rate.")
     if o.min_lr > o.learning_rate:
         raise UserError(f"min_lr={o.min_lr} is above learning_rate={o.learning_rate}; lower min_lr.")
     if not 0 <= m.dropout < 1:

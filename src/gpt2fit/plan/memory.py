@@ -16,7 +16,9 @@ optimizer    AdamW: 8N (exp_avg, exp_avg_sq in fp32), + a 4N temporary in step()
              sqrt of exp_avg_sq), counted in the optimizer-step peak. 8-bit AdamW (bitsandbytes;
              the paged one too, its spilling to CPU not counted on): 2 bytes/param + two fp32
              absmax per 256-element block; 8 bytes/param for tensors under 4096 elements (bnb's
-             min_8bit_size) and the token embedding, which bitsandbytes keeps in 32-bit.
+             min_8bit_size) and the token embedding, which bitsandbytes keeps in 32-bit. Muon: 4 bytes
+             (one fp32 momentum) per block matrix, AdamW's 8 for the rest; step() works one matrix
+             at a time (fp32 Nesterov update + bf16 Newton-Schulz copies, 8 bytes/element).
 activations  What autograd keeps for backward. Korthikanti et al. 2022 (arXiv 2205.05198) eq. (1):
              s*b*h*(34 + 5*a*s/h) bytes in 16 bits, 5*a*s^2*b being the attention matrix. SDPA
              keeps no s x s matrix (q, k, v, the output and a 4-byte logsumexp per head per token;
@@ -252,6 +254,10 @@ def _optimizer_bytes(tensors: list[tuple[str, int]], optimizer: str) -> tuple[in
     n = sum(k for _, k in tensors)
     if optimizer == "adamw":
         return 8 * n, 4 * n
+    if optimizer == "muon":  # (bf16 momentum, which torch's Muon does not offer, would save 2 bytes each)
+        matrices = [k for name, k in tensors if name.startswith("h.") and name.endswith("weight") and "ln_" not in name]
+        rest = n - sum(matrices)
+        return 4 * sum(matrices) + 8 * rest, max(8 * max(matrices), 4 * rest)
     return sum(8 * k if name == "wte" or k < BNB_MIN_8BIT_SIZE else 2 * k + 8 * math.ceil(k / BNB_BLOCK_SIZE)
                for name, k in tensors), 0
 
