@@ -152,3 +152,16 @@ def test_every_ddp_rank_takes_the_same_muon_update(char_data, tmp_path):
     assert losses[-1] < losses[0]
     assert os.path.isfile(run / "final" / "model.safetensors")
 
+
+def test_plan_projects_the_measured_token_saving_only_for_muon():
+    from conftest import ROOT
+    from gpt2fit.plan.planner import plan_run
+
+    bench = [ROOT / "benchmarks"]
+    muon_plan = plan_run("gpt2", gpu="rtx-4070", optimizer="muon", loss_chunk_size=4096, max_tokens="10B",
+                         bench_dirs=bench)
+    frac = json.loads((ROOT / "benchmarks/time_to_quality/result.json").read_text())["summary"]["token_fraction"]
+    note = next(n for n in muon_plan.notes if n.startswith("projection: "))
+    assert f"in {frac:.2f}x its tokens" in note and f"~{frac * 10:.2f}B tokens" in note
+    adamw_plan = plan_run("gpt2", gpu="rtx-4070", optimizer="adamw", max_tokens="10B", bench_dirs=bench)
+    assert not any(n.startswith("projection") for n in adamw_plan.notes)

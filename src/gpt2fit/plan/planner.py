@@ -128,23 +128,40 @@ def bench_rows(bench_dirs: Iterable[str | os.PathLike] | None = None) -> list[di
     carries those keys is a row; each gets "_file". Unreadable files are skipped.
     """
     rows: list[dict] = []
-
-    def walk(obj: Any, src: str) -> None:
-        if isinstance(obj, dict) and all(k in obj for k in _BENCH_KEYS):
-            rows.append({**obj, "_file": src})
-        for v in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
-            walk(v, src)
-
-    if bench_dirs is None:  # benchmarks/ of the working directory and of the repository
-        roots = {p.resolve() for p in (Path.cwd(), Path(__file__).resolve().parents[3])}
-        bench_dirs = sorted(p / "benchmarks" for p in roots if (p / "benchmarks").is_dir())
-    for d in bench_dirs:
+    for d in _bench_dirs(bench_dirs):
         for f in sorted(Path(d).glob("*.json")):
             try:
-                walk(json.loads(f.read_text()), f"{Path(d).name}/{f.name}")
+                _walk(json.loads(f.read_text()), f"{Path(d).name}/{f.name}", rows)
             except (OSError, ValueError):
                 continue
     return rows
+
+
+def _bench_dirs(bench_dirs: Iterable[str | os.PathLike] | None) -> list[Path]:
+    if bench_dirs is None:  # benchmarks/ of the working directory and of the repository
+        roots = {p.resolve() for p in (Path.cwd(), Path(__file__).resolve().parents[3])}
+        return sorted(p / "benchmarks" for p in roots if (p / "benchmarks").is_dir())
+    return [Path(d) for d in bench_dirs]
+
+
+def _walk(obj: Any, src: str, rows: list[dict]) -> None:
+    if isinstance(obj, dict) and all(k in obj for k in _BENCH_KEYS):
+        rows.append({**obj, "_file": src})
+    for v in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
+        _walk(v, src, rows)
+
+
+def muon_token_fraction(bench_dirs: Iterable[str | os.PathLike] | None = None) -> tuple[float, str] | None:
+    """(tokens Muon needed to reach AdamW's final val loss / AdamW's, the file) from the time-to-quality benchmark."""
+    for d in _bench_dirs(bench_dirs):
+        f = d / "time_to_quality" / "result.json"
+        try:
+            frac = json.loads(f.read_text())["summary"]["token_fraction"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(frac, (int, float)) and 0 < frac:
+            return float(frac), f"{d.name}/time_to_quality/result.json"
+    return None
 
 
 def lookup_mfu(rows: list[dict], *, model: str, grad_checkpointing: bool, optimizer: str, gpu_key: str | None,
@@ -329,6 +346,12 @@ def plan_run(model_cfg: Any = "gpt2", *, gpu: str | None = "rtx-4090", memory_by
     if n_processes > 1:
         notes.append(f"multi-process: {'DDP gradient buckets (+4 bytes/param) counted; ' if not engine else ''}"
                      "tokens/s assumes linear scaling")
+    measured = muon_token_fraction(bench_dirs) if chosen and chosen.optimizer == "muon" else None
+    if measured and tps:  # Muon's Newton-Schulz FLOPs: < 0.01% of a 0.5M-token step's (Jordan: <1%)
+        notes.append(f"projection: Muon reached AdamW's final val loss in {measured[0]:.2f}x its tokens on a small "
+                     f"CPU model ({measured[1]}); if that carries over, AdamW's loss at {format_count(budget)} tokens "
+                     f"takes ~{format_count(budget * measured[0])} tokens, "
+                     f"{format_duration(budget * measured[0] / tps)}")
     if chosen and chosen.engine.endswith("offload"):
         notes.append(f"offload: tokens/s counts the PCIe traffic at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s (assumed), "
                      "not AdamW's step on the CPU")
