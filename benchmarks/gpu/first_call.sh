@@ -38,6 +38,8 @@
 #   then only if the clock allows, each on its own estimate:
 #   loader              ~50 s  the real DataLoader over GPT-2 tokens of the stdlib (prep ~20 s), workers
 #                              0 / 2, pinning off
+#   muon                ~30 s  --optimizer muon: gpt2 as gpt2_core's plain cell; gpt2-medium pretraining
+#                              under 12GiB with checkpointing + chunked loss (the from-scratch recipe's)
 #   compile             ~60 s  torch.compile of the plain gpt2 cell
 #   host_sync           ~25 s  host_sync=step vs log at the plain gpt2 cell
 # Priority ~270 s; the optional parts fill the rest of BUDGET_S; then the summary, ~10 s. Worst case
@@ -164,6 +166,9 @@ if fits loader 50; then
   part loader 30 "${GPT2[@]}" "${DATA_FLAGS[@]}" \
     --grid data=random --grid data=loader num_workers=0,2 --grid data=loader pin_memory=false
 fi
+part muon 30 "${MODEL_FLAGS[@]}" --warmup 3 --steps 8 --grid preset=gpt2 micro_batch_size=16 optimizer=muon \
+  --grid preset=gpt2-medium micro_batch_size=16 pad_vocab_to=64 grad_checkpointing=true loss_chunk_size=4096 \
+  optimizer=muon max_memory=12GiB
 part compile 60 "${GPT2[@]}" --grid compile=true
 part host_sync 25 "${GPT2[@]}" --grid host_sync=step,log
 
