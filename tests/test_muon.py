@@ -49,6 +49,10 @@ def test_muon_takes_the_block_matrices_and_adamw_everything_else():
     assert decayed == {"lm.transformer.wte.weight"}
     assert [g["lr"] for g in opt.param_groups] == [1e-3] * 3
     assert build_optimizer(model, muon(muon_learning_rate=0.02), "cpu").muon.param_groups[0]["lr"] == 0.02
+    given = build_optimizer(model, muon(muon_weight_decay=0.0, muon_momentum=0.0), "cpu").muon.param_groups[0]
+    assert (given["weight_decay"], given["momentum"], given["nesterov"]) == (0.0, 0.0, True)  # 0 is not "unset"
+    default = opt.muon.param_groups[0]
+    assert (default["weight_decay"], default["momentum"], default["adjust_lr_fn"]) == (0.1, 0.95, "match_rms_adamw")
 
 
 def test_c_attn_is_orthogonalized_as_one_matrix_not_three():

@@ -103,10 +103,10 @@ def build_optimizer(model, oargs, device_type: str, fused: bool = False):
         matrices = muon_params(model)
         in_muon = {id(p) for p in matrices}
         rest_groups = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
-        muon = torch.optim.Muon(matrices, lr=oargs.muon_learning_rate or oargs.learning_rate,
-                                weight_decay=oargs.weight_decay if oargs.muon_weight_decay is None
-                                else oargs.muon_weight_decay, momentum=oargs.muon_momentum or MUON_MOMENTUM,
-                                adjust_lr_fn="match_rms_adamw")
+        given = {k: getattr(oargs, f"muon_{k}") for k in ("learning_rate", "weight_decay", "momentum")}
+        defaults = {"learning_rate": oargs.learning_rate, "weight_decay": oargs.weight_decay, "momentum": MUON_MOMENTUM}
+        lr, wd, momentum = (defaults[k] if v is None else v for k, v in given.items())  # (0 is a value)
+        muon = torch.optim.Muon(matrices, lr=lr, weight_decay=wd, momentum=momentum, adjust_lr_fn="match_rms_adamw")
         adamw = torch.optim.AdamW([g for g in rest_groups if g["params"]], lr=oargs.learning_rate, betas=betas,
                                   eps=oargs.eps, fused=fused or device_type == "cuda")
         return MuonWithAdamW(muon, adamw)
