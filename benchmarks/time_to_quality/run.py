@@ -90,7 +90,7 @@ def sweep(run_at, grid: list[float], extensions: int = 2) -> float:
 def crossing(evals: list[dict], target: float, key: str) -> float | None:
     """``key`` (tokens or time_s) where the val curve first reaches ``target``, linearly interpolated."""
     for a, b in zip(evals, evals[1:]):
-        if b["val_loss"] <= target < a["val_loss"] or b["val_loss"] == target:
+        if b["val_loss"] <= target < a["val_loss"]:
             f = (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
             return a[key] + f * (b[key] - a[key])
     return None

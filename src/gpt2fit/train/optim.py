@@ -94,6 +94,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._link()
 
 
+def _unless_none(value, default):
+    return default if value is None else value  # (0 is a value, not "unset")
+
+
 def build_optimizer(model, oargs, device_type: str, fused: bool = False):
     """``fused``: use torch's fused AdamW off CUDA too (it is always used on CUDA); the sync-free step
     (host_sync=log) needs it, because only the fused kernel honours ``found_inf``."""
@@ -103,10 +107,9 @@ def build_optimizer(model, oargs, device_type: str, fused: bool = False):
         matrices = muon_params(model)
         in_muon = {id(p) for p in matrices}
         rest_groups = [{**g, "params": [p for p in g["params"] if id(p) not in in_muon]} for g in groups]
-        given = {k: getattr(oargs, f"muon_{k}") for k in ("learning_rate", "weight_decay", "momentum")}
-        defaults = {"learning_rate": oargs.learning_rate, "weight_decay": oargs.weight_decay, "momentum": MUON_MOMENTUM}
-        lr, wd, momentum = (defaults[k] if v is None else v for k, v in given.items())  # (0 is a value)
-        muon = torch.optim.Muon(matrices, lr=lr, weight_decay=wd, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        muon = torch.optim.Muon(matrices, lr=_unless_none(oargs.muon_learning_rate, oargs.learning_rate),
+                                weight_decay=_unless_none(oargs.muon_weight_decay, oargs.weight_decay),
+                                momentum=_unless_none(oargs.muon_momentum, MUON_MOMENTUM), adjust_lr_fn="match_rms_adamw")
         adamw = torch.optim.AdamW([g for g in rest_groups if g["params"]], lr=oargs.learning_rate, betas=betas,
                                   eps=oargs.eps, fused=fused or device_type == "cuda")
         return MuonWithAdamW(muon, adamw)
