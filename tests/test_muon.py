@@ -115,6 +115,22 @@ def test_state_bytes_are_what_the_planner_counts_and_under_0_6x_adamw_for_gpt2_m
     assert ratio <= 0.6, ratio
 
 
+def test_step_runs_a_closure_with_gradients_and_returns_its_loss():
+    model = tiny()
+    opt = build_optimizer(model, muon(), "cpu")
+    x = torch.randint(0, 64, (2, 16))
+    before = model.lm.transformer.h[0].mlp.c_fc.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x, x)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(opt.step(closure))
+    assert not torch.equal(before, model.lm.transformer.h[0].mlp.c_fc.weight)
+
+
 def test_a_model_without_block_matrices_is_refused():
     with pytest.raises(UserError, match="--optimizer muon found no 2-D weights inside transformer blocks"):
         build_optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4)), muon(), "cpu")

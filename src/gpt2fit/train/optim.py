@@ -80,7 +80,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():  # (a closure runs forward and backward)
+                loss = closure()
         self.muon.step()
         self.adamw.step()
         return loss
